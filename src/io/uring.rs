@@ -1,0 +1,132 @@
+//! One io_uring per reactor.
+//!
+//! Owns: the ring, the count of operations the kernel holds, and an eventfd that the kernel signals on
+//! completion so that a sleeping reactor wakes up. Must never: let the completion queue overflow (pushes
+//! are refused once as many operations are in flight as the completion queue holds) or submit a buffer
+//! that its owner may free before the completion (stores keep requests in an in-flight table).
+
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+
+use io_uring::{IoUring, squeue};
+
+/// Submission queue entries per ring; the completion queue is twice as large.
+pub const RING_ENTRIES: u32 = 256;
+
+pub struct Uring {
+    ring: IoUring,
+    eventfd: OwnedFd,
+    in_flight: usize,
+    in_flight_max: usize,
+    unsubmitted: usize,
+}
+
+impl Uring {
+    pub fn new() -> io::Result<Uring> {
+        let ring = IoUring::builder().build(RING_ENTRIES)?;
+        // SAFETY: eventfd(2) returns a new descriptor or -1; we check before taking ownership.
+        let raw = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
+        if raw < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: `raw` is a fresh descriptor that nothing else owns.
+        let eventfd = unsafe { OwnedFd::from_raw_fd(raw) };
+        ring.submitter().register_eventfd(eventfd.as_raw_fd())?;
+        let in_flight_max = ring.params().cq_entries() as usize;
+        Ok(Uring {
+            ring,
+            eventfd,
+            in_flight: 0,
+            in_flight_max,
+            unsubmitted: 0,
+        })
+    }
+
+    /// The descriptor that becomes readable when completions are posted.
+    pub fn eventfd(&self) -> RawFd {
+        self.eventfd.as_raw_fd()
+    }
+
+    /// Resets the eventfd counter after a wake-up.
+    pub fn drain_eventfd(&self) {
+        let mut value = 0u64;
+        // SAFETY: reading 8 bytes into a u64 on the stack from our own non-blocking eventfd.
+        unsafe { libc::read(self.eventfd.as_raw_fd(), (&mut value as *mut u64).cast(), 8) };
+    }
+
+    pub fn in_flight(&self) -> usize {
+        self.in_flight
+    }
+
+    /// Whether one more operation may be pushed.
+    pub fn has_room(&self) -> bool {
+        self.in_flight < self.in_flight_max
+    }
+
+    /// Queues one entry (submitted at the next `submit`); false when the ring has no room, in which case
+    /// the caller keeps the request and retries after completions.
+    ///
+    /// # Safety
+    /// Every buffer the entry points to must stay valid and unmoved until its completion is reaped.
+    pub unsafe fn push(&mut self, entry: &squeue::Entry) -> bool {
+        if !self.has_room() {
+            return false;
+        }
+        if self.ring.submission().is_full() && self.submit().is_err() {
+            return false;
+        }
+        // SAFETY: the caller guarantees the entry's buffers outlive the operation.
+        if unsafe { self.ring.submission().push(entry) }.is_err() {
+            return false;
+        }
+        self.in_flight += 1;
+        self.unsubmitted += 1;
+        true
+    }
+
+    /// Hands queued entries to the kernel: once per reactor iteration, so that a burst costs one syscall.
+    pub fn submit(&mut self) -> io::Result<()> {
+        if self.unsubmitted == 0 {
+            return Ok(());
+        }
+        loop {
+            match self.ring.submit() {
+                Ok(_) => break,
+                Err(error) if error.raw_os_error() == Some(libc::EINTR) => continue,
+                // EBUSY/EAGAIN: the kernel is short of completion space; entries stay queued for later.
+                Err(error)
+                    if matches!(error.raw_os_error(), Some(libc::EBUSY) | Some(libc::EAGAIN)) =>
+                {
+                    return Ok(());
+                }
+                Err(error) => return Err(error),
+            }
+        }
+        self.unsubmitted = 0;
+        Ok(())
+    }
+
+    /// Moves every posted completion into `out` as `(user_data, result)`; returns how many there were.
+    /// (`out` is the reactor's preallocated list, so that completions can be handled while the ring is
+    /// used again for follow-up submissions.)
+    pub fn reap_into(&mut self, out: &mut Vec<(u64, i32)>) -> usize {
+        let before = out.len();
+        let mut completion = self.ring.completion();
+        completion.sync();
+        for entry in &mut completion {
+            out.push((entry.user_data(), entry.result()));
+        }
+        drop(completion);
+        let reaped = out.len() - before;
+        debug_assert!(reaped <= self.in_flight);
+        self.in_flight -= reaped;
+        reaped
+    }
+
+    /// Whether the completion queue holds entries (cheap check used before sleeping).
+    pub fn has_completions(&mut self) -> bool {
+        let mut completion = self.ring.completion();
+        completion.sync();
+        !completion.is_empty()
+    }
+}

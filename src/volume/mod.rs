@@ -1,0 +1,207 @@
+//! Volumes: the block devices that front-ends export.
+//!
+//! Owns: the typed IO requests a front-end sends to a volume and the completions it gets back, and the
+//! dispatch of each request to the volume's store. A volume lives on exactly one reactor, which is the only
+//! thread that ever touches it; other reactors reach it through rings (see `reactor`).
+//! Must never: see protocol bytes (front-ends validate and translate), block the reactor, or acknowledge an
+//! IO its store did not complete.
+//!
+//! This volume is a plain store (memory or a raw file). Notes, op numbers and commit arrive with
+//! the persistent volume copy; the request/completion interface stays.
+
+use std::collections::VecDeque;
+
+use bitflags::bitflags;
+
+use crate::io::AlignedBuf;
+use crate::io::file::FileStore;
+use crate::io::memory::MemoryStore;
+use crate::io::uring::Uring;
+
+/// Index of a volume in the server's export table.
+pub type VolumeId = u32;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IoKind {
+    Read,
+    Write,
+    Flush,
+    Trim,
+    WriteZeroes,
+    Cache,
+    BlockStatus,
+}
+
+bitflags! {
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    pub struct IoFlags: u8 {
+        /// Durable before completion (NBD FUA).
+        const FUA = 1 << 0;
+        /// Write-zeroes must leave the range allocated.
+        const NO_HOLE = 1 << 1;
+        /// Write-zeroes must fail rather than be slow.
+        const FAST_ZERO = 1 << 2;
+        /// Block status: one extent is enough.
+        const ONE_EXTENT = 1 << 3;
+    }
+}
+
+/// Who is waiting for a request: enough to route its completion back without any lookup table.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Origin {
+    pub reactor: u16,
+    pub slot: u16,
+    pub connection: u32,
+    pub generation: u32,
+}
+
+/// A validated IO request. Offsets and lengths are within the volume and multiples of the sector size.
+#[derive(Debug)]
+pub struct IoRequest {
+    pub volume: VolumeId,
+    pub kind: IoKind,
+    pub flags: IoFlags,
+    pub offset: u64,
+    pub length: u32,
+    /// Write data (len == length), or room for read data (len == length) or block-status extents.
+    pub buf: AlignedBuf,
+    pub origin: Origin,
+}
+
+/// How an IO failed, in the store's terms. Front-ends map these to their protocol's errors.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum VolumeError {
+    #[error("device IO error (errno {0})")]
+    Io(i32),
+    #[error("no space left on the device")]
+    NoSpace,
+    #[error("operation not supported by this store")]
+    NotSupported,
+    #[error("invalid request")]
+    Invalid,
+}
+
+impl VolumeError {
+    /// From a negative io_uring result or a positive errno.
+    pub fn from_errno(errno: i32) -> VolumeError {
+        match errno.abs() {
+            libc::ENOSPC | libc::EDQUOT => VolumeError::NoSpace,
+            libc::EOPNOTSUPP => VolumeError::NotSupported,
+            libc::EINVAL => VolumeError::Invalid,
+            other => VolumeError::Io(other),
+        }
+    }
+}
+
+#[derive(Debug)]
+pub struct IoCompletion {
+    pub origin: Origin,
+    /// For block status, the number of extents written into `buf`; otherwise the bytes transferred.
+    pub result: Result<u32, VolumeError>,
+    pub buf: AlignedBuf,
+}
+
+/// Size of one block-status extent record in a completion buffer: length (u32) then flags (u32), native
+/// endian. The flags use the NBD `base:allocation` bit values (`EXTENT_HOLE`, `EXTENT_ZERO`).
+pub const EXTENT_RECORD_LEN: usize = 8;
+pub const EXTENT_HOLE: u32 = 1;
+pub const EXTENT_ZERO: u32 = 2;
+/// Most extents one block-status answer carries; the client asks again for the rest.
+pub const EXTENTS_PER_REPLY_MAX: usize = 1024;
+
+/// Appends an extent to a block-status buffer, merging with the previous one when the flags match.
+/// Returns false when the buffer is full.
+pub fn push_extent(buf: &mut AlignedBuf, count: &mut u32, length: u64, flags: u32) -> bool {
+    debug_assert!(length > 0 && length <= u64::from(u32::MAX));
+    let at = *count as usize * EXTENT_RECORD_LEN;
+    if *count > 0 {
+        let previous = &mut buf.as_mut_slice()[at - EXTENT_RECORD_LEN..at];
+        let previous_flags = u32::from_ne_bytes(previous[4..8].try_into().expect("4 bytes"));
+        let previous_length = u64::from(u32::from_ne_bytes(
+            previous[0..4].try_into().expect("4 bytes"),
+        ));
+        if previous_flags == flags && previous_length + length <= u64::from(u32::MAX - 4095) {
+            previous[0..4].copy_from_slice(&((previous_length + length) as u32).to_ne_bytes());
+            return true;
+        }
+    }
+    if at + EXTENT_RECORD_LEN > buf.len() {
+        return false;
+    }
+    let record = &mut buf.as_mut_slice()[at..at + EXTENT_RECORD_LEN];
+    record[0..4].copy_from_slice(&(length as u32).to_ne_bytes());
+    record[4..8].copy_from_slice(&flags.to_ne_bytes());
+    *count += 1;
+    true
+}
+
+/// Where a volume's blocks live.
+pub enum Store {
+    Memory(MemoryStore),
+    File(FileStore),
+}
+
+pub struct Volume {
+    pub id: VolumeId,
+    pub size_bytes: u64,
+    store: Store,
+}
+
+impl Volume {
+    pub fn new(id: VolumeId, size_bytes: u64, store: Store) -> Volume {
+        Volume {
+            id,
+            size_bytes,
+            store,
+        }
+    }
+
+    /// Starts an IO. Memory completes at once into `done`; the file store submits to `uring` and
+    /// completes when `complete` is called with the kernel's result.
+    pub fn submit(
+        &mut self,
+        request: IoRequest,
+        uring: &mut Uring,
+        done: &mut VecDeque<IoCompletion>,
+    ) {
+        debug_assert_eq!(request.volume, self.id);
+        debug_assert!(request.offset + u64::from(request.length) <= self.size_bytes);
+        match &mut self.store {
+            Store::Memory(memory) => done.push_back(memory.execute(request)),
+            Store::File(file) => file.submit(request, uring, done),
+        }
+    }
+
+    /// Feeds a kernel completion (tagged with this volume's id) back to the store.
+    pub fn complete(
+        &mut self,
+        tag: u32,
+        result: i32,
+        uring: &mut Uring,
+        done: &mut VecDeque<IoCompletion>,
+    ) {
+        if let Store::File(file) = &mut self.store {
+            file.complete(tag, result, uring, done);
+        }
+    }
+
+    /// Requests handed to the kernel and not completed yet.
+    pub fn in_flight(&self) -> usize {
+        match &self.store {
+            Store::Memory(_) => 0,
+            Store::File(file) => file.in_flight(),
+        }
+    }
+
+    /// Whether every connection sees the others' flushed writes (NBD multi-conn): true for both stores,
+    /// because every IO to a volume goes through its one owning reactor and a flush syncs the whole store.
+    pub fn flush_is_global(&self) -> bool {
+        true
+    }
+}
+
+/// Gets a request to the reactor that owns its volume (directly, or through a ring). Implemented by the
+/// reactor; front-ends only see this.
+pub trait SubmitIo {
+    fn submit(&mut self, request: IoRequest);
+}
