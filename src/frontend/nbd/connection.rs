@@ -224,9 +224,16 @@ impl Connection {
         submit: &mut dyn SubmitIo,
     ) -> Result<(), CloseReason> {
         self.flush()?;
-        if !self.draining {
+        while !self.draining {
             self.receive(exports, submit)?;
+            let stalled_on_slots = self.waiting_for_slot();
             self.flush()?;
+            // Writing replies may have freed the slots that input was waiting for: take it in now, as
+            // no new readiness event will come for bytes already buffered or already signalled.
+            let input_waiting = self.read_ready || self.input.start < self.input.end;
+            if !(stalled_on_slots && input_waiting && !self.free_slots.is_empty()) {
+                break;
+            }
         }
         if self.draining && self.is_quiet() {
             return Err(CloseReason::Finished);
