@@ -7,12 +7,20 @@ mod common;
 use std::process::Command;
 
 use common::{
-    DEADLINE, MIB, Rng, Server, TempDir, describe, require_tool, run_bounded, sha256_file, write_random_file,
+    DEADLINE, MIB, Rng, Server, TempDir, describe, require_tool, run_bounded, sha256_file,
+    write_random_file,
 };
 
 fn file_server(dir: &TempDir, size: &str) -> Server {
     let path = dir.join("volume.raw");
-    Server::start(&["--backend", "file", "--path", path.to_str().expect("utf-8 path"), "--size", size])
+    Server::start(&[
+        "--backend",
+        "file",
+        "--path",
+        path.to_str().expect("utf-8 path"),
+        "--size",
+        size,
+    ])
 }
 
 #[test]
@@ -25,17 +33,27 @@ fn qemu_img_data_reaches_the_file_and_survives_a_restart() {
 
     let mut server = file_server(&dir, "32M");
     let out = run_bounded(
-        Command::new("qemu-img").args(["convert", "-n", "-f", "raw", "-O", "raw"]).arg(&source).arg(&server.uri),
+        Command::new("qemu-img")
+            .args(["convert", "-n", "-f", "raw", "-O", "raw"])
+            .arg(&source)
+            .arg(&server.uri),
         DEADLINE,
     );
     assert!(out.status.success(), "qemu-img convert: {}", describe(&out));
     let out = run_bounded(
-        Command::new("qemu-img").args(["compare", "-f", "raw", "-F", "raw"]).arg(&source).arg(&server.uri),
+        Command::new("qemu-img")
+            .args(["compare", "-f", "raw", "-F", "raw"])
+            .arg(&source)
+            .arg(&server.uri),
         DEADLINE,
     );
     assert!(out.status.success(), "qemu-img compare: {}", describe(&out));
     server.signal(libc::SIGTERM);
-    assert!(server.wait_exit(DEADLINE).success(), "clean exit; stderr:\n{}", server.stderr());
+    assert!(
+        server.wait_exit(DEADLINE).success(),
+        "clean exit; stderr:\n{}",
+        server.stderr()
+    );
 
     // The backing file itself holds the image.
     assert_eq!(sha256_file(&dir.join("volume.raw")), sha256_file(&source));
@@ -43,7 +61,10 @@ fn qemu_img_data_reaches_the_file_and_survives_a_restart() {
     // And a new server on the same file serves it back.
     let server = file_server(&dir, "32M");
     let copy = dir.join("copy.img");
-    let out = run_bounded(Command::new("nbdcopy").arg(&server.uri).arg(&copy), DEADLINE);
+    let out = run_bounded(
+        Command::new("nbdcopy").arg(&server.uri).arg(&copy),
+        DEADLINE,
+    );
     assert!(out.status.success(), "nbdcopy: {}", describe(&out));
     assert_eq!(sha256_file(&copy), sha256_file(&source));
 }
@@ -79,20 +100,33 @@ fn fua_writes_zeroes_trims_and_block_status_on_a_file() {
         DEADLINE,
     );
     let text = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success() && !text.contains("failed"), "qemu-io: {}", describe(&out));
+    assert!(
+        out.status.success() && !text.contains("failed"),
+        "qemu-io: {}",
+        describe(&out)
+    );
 
-    let out = run_bounded(Command::new("nbdinfo").args(["--map", &server.uri]), DEADLINE);
+    let out = run_bounded(
+        Command::new("nbdinfo").args(["--map", &server.uri]),
+        DEADLINE,
+    );
     assert!(out.status.success(), "nbdinfo --map: {}", describe(&out));
     // Expect: data [0,1M), hole [1M,2M), data [2M,3M), hole from 3M to the end.
     let map: Vec<(u64, u64, u32)> = String::from_utf8_lossy(&out.stdout)
         .lines()
         .map(|line| {
             let fields: Vec<&str> = line.split_whitespace().collect();
-            (fields[0].parse().unwrap(), fields[1].parse().unwrap(), fields[2].parse().unwrap())
+            (
+                fields[0].parse().unwrap(),
+                fields[1].parse().unwrap(),
+                fields[2].parse().unwrap(),
+            )
         })
         .collect();
     let state_at = |offset: u64| {
-        map.iter().find(|(start, length, _)| (*start..start + length).contains(&offset)).map(|entry| entry.2)
+        map.iter()
+            .find(|(start, length, _)| (*start..start + length).contains(&offset))
+            .map(|entry| entry.2)
     };
     assert_eq!(state_at(0), Some(0), "{map:?}");
     assert_eq!(state_at(MIB + 4096), Some(3), "{map:?}");
@@ -106,12 +140,27 @@ fn an_existing_file_of_another_size_is_refused() {
     let dir = TempDir::new("file-size");
     let path = dir.join("volume.raw");
     std::fs::write(&path, vec![1u8; 1 << 20]).expect("write 1 MiB file");
-    let failure = match Server::try_start(&["--backend", "file", "--path", path.to_str().unwrap(), "--size", "2M"]) {
+    let failure = match Server::try_start(&[
+        "--backend",
+        "file",
+        "--path",
+        path.to_str().unwrap(),
+        "--size",
+        "2M",
+    ]) {
         Ok(_) => panic!("a 1 MiB file must not be served as a 2 MiB volume"),
         Err(failure) => failure,
     };
-    assert_eq!(failure.status.and_then(|status| status.code()), Some(1), "{failure:?}");
-    assert!(failure.stderr.contains("volume.raw") && failure.stderr.contains("1048576"), "{}", failure.stderr);
+    assert_eq!(
+        failure.status.and_then(|status| status.code()),
+        Some(1),
+        "{failure:?}"
+    );
+    assert!(
+        failure.stderr.contains("volume.raw") && failure.stderr.contains("1048576"),
+        "{}",
+        failure.stderr
+    );
     // The file is untouched.
     assert_eq!(std::fs::read(&path).expect("read back"), vec![1u8; 1 << 20]);
 }
@@ -124,19 +173,35 @@ fn requests_forwarded_between_reactors_see_one_volume() {
     let dir = TempDir::new("file-reactors");
     for backend in ["memory", "file"] {
         let path = dir.join(&format!("{backend}.raw"));
-        let server = Server::start(&["--backend", backend, "--path", path.to_str().unwrap(), "--size", "8M"]);
+        let server = Server::start(&[
+            "--backend",
+            backend,
+            "--path",
+            path.to_str().unwrap(),
+            "--size",
+            "8M",
+        ]);
         let mut clients: Vec<_> = (0..4).map(|_| server.client()).collect();
         let mut rng = Rng::new(11);
         let regions: Vec<Vec<u8>> = (0..clients.len()).map(|_| rng.bytes(256 * 1024)).collect();
         for (index, client) in clients.iter_mut().enumerate() {
             let offset = index as u64 * MIB;
-            assert_eq!(client.write(offset, &regions[index], 0), 0, "{backend}: write by client {index}");
+            assert_eq!(
+                client.write(offset, &regions[index], 0),
+                0,
+                "{backend}: write by client {index}"
+            );
         }
         for (reader, client) in clients.iter_mut().enumerate() {
             assert_eq!(client.flush(), 0);
             for (index, expected) in regions.iter().enumerate() {
-                let data = client.read(index as u64 * MIB, expected.len() as u32).expect("read");
-                assert!(data == *expected, "{backend}: client {reader} reads region {index} wrong");
+                let data = client
+                    .read(index as u64 * MIB, expected.len() as u32)
+                    .expect("read");
+                assert!(
+                    data == *expected,
+                    "{backend}: client {reader} reads region {index} wrong"
+                );
             }
         }
     }
