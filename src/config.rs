@@ -11,6 +11,8 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use crate::reactor::PollMode;
+use crate::volume::copy::Durability;
+use crate::volume::open::DEFAULT_VOLUME_SIZE;
 
 /// Largest volume size accepted (4 EiB): far beyond any device, small enough that offset arithmetic
 /// never overflows.
@@ -37,10 +39,13 @@ pub enum Command {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum Backend {
+    /// A persistent volume copy (notes, op numbers, group commit, crash recovery) in a file or block
+    /// device, through io_uring with O_DIRECT.
+    File,
     /// Sparse memory: fast, lost at exit.
     Memory,
-    /// A raw image file or block device, through io_uring with O_DIRECT.
-    File,
+    /// A raw image file or block device, block for block, no notes (like `nbdkit file`).
+    Raw,
 }
 
 #[derive(Debug, Args)]
@@ -50,18 +55,37 @@ pub struct ServeArgs {
     pub listen: SocketAddr,
 
     /// Where the volume's blocks live.
-    #[arg(long, value_enum, default_value_t = Backend::Memory)]
+    #[arg(long, value_enum, default_value_t = Backend::File)]
     pub backend: Backend,
 
-    /// Volume size: bytes, or with a binary suffix K, M, G, T, P (512M, 1G, 1T); a multiple of 512.
-    #[arg(long, default_value = "1G", value_parser = parse_size)]
-    pub size: u64,
+    /// Volume size: bytes, or with a binary suffix K, M, G, T, P (512M, 1G, 1T); a multiple of 512
+    /// [default: 1G for a new volume; an existing persistent volume keeps its size].
+    #[arg(long, value_parser = parse_size)]
+    pub size: Option<u64>,
+
+    /// Grow an existing persistent volume to --size (shrinking is refused).
+    #[arg(long)]
+    pub resize: bool,
+
+    /// Directory holding the volumes' backing stores.
+    #[arg(long, default_value = "ferroblock-data")]
+    pub data_dir: PathBuf,
+
+    /// Reserve the whole backing file of a new persistent volume up front (fallocate) instead of
+    /// letting it grow where written.
+    #[arg(long)]
+    pub preallocate: bool,
+
+    /// How a persistent volume makes notes durable: one fdatasync per batch, or RWF_DSYNC writes.
+    #[arg(long, value_enum, default_value_t = Durability::Fdatasync)]
+    pub durability: Durability,
 
     /// Export name of the volume.
     #[arg(long, default_value = "vol0", value_parser = parse_volume_name)]
     pub volume: String,
 
-    /// Backing file or block device for `--backend file` [default: ferroblock-data/<volume>.raw].
+    /// Backing file or block device [default: DATA_DIR/<volume>.fbv for file, DATA_DIR/<volume>.raw for
+    /// raw].
     #[arg(long)]
     pub path: Option<PathBuf>,
 
@@ -83,12 +107,23 @@ pub struct ServeArgs {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CoreList(pub Vec<usize>);
 
+impl ServeConfig {
+    /// The size for stores that do not record one (memory, raw).
+    pub fn size_or_default(&self) -> u64 {
+        self.size_bytes.unwrap_or(DEFAULT_VOLUME_SIZE)
+    }
+}
+
 /// Everything `server::serve` needs, validated.
 #[derive(Debug, Clone)]
 pub struct ServeConfig {
     pub listen: SocketAddr,
     pub backend: Backend,
-    pub size_bytes: u64,
+    /// Explicit size, if given.
+    pub size_bytes: Option<u64>,
+    pub resize: bool,
+    pub preallocate: bool,
+    pub durability: Durability,
     pub volume: String,
     pub path: PathBuf,
     pub cores: Vec<usize>,
@@ -98,9 +133,14 @@ pub struct ServeConfig {
 
 impl ServeArgs {
     pub fn into_config(self) -> ServeConfig {
-        let path = self.path.unwrap_or_else(|| {
-            PathBuf::from("ferroblock-data").join(format!("{}.raw", self.volume))
-        });
+        let extension = if self.backend == Backend::Raw {
+            "raw"
+        } else {
+            "fbv"
+        };
+        let path = self
+            .path
+            .unwrap_or_else(|| self.data_dir.join(format!("{}.{extension}", self.volume)));
         let cores = match self.cores {
             Some(CoreList(cores)) => cores,
             None => available_cores(),
@@ -109,6 +149,9 @@ impl ServeArgs {
             listen: self.listen,
             backend: self.backend,
             size_bytes: self.size,
+            resize: self.resize,
+            preallocate: self.preallocate,
+            durability: self.durability,
             volume: self.volume,
             path,
             cores,

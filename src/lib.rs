@@ -5,9 +5,12 @@
 //! its io_uring and its inbound rings. `config` turns command-line flags into a validated server
 //! description; `server` wires everything up.
 
+pub mod alloc;
+pub mod btree;
 pub mod config;
 pub mod frontend;
 pub mod io;
+pub mod journal;
 pub mod reactor;
 pub mod server;
 pub mod volume;

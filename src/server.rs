@@ -15,6 +15,7 @@ use crate::frontend::nbd::proto::TransmissionFlags;
 use crate::io::file::{FileStore, FileStoreError};
 use crate::io::memory::MemoryStore;
 use crate::reactor::{Mailbox, Reactor, ReactorSetup, Shutdown};
+use crate::volume::open::{OpenError, open_copy};
 use crate::volume::{Store, Volume};
 
 #[derive(Debug, thiserror::Error)]
@@ -31,6 +32,8 @@ pub enum ServeError {
     },
     #[error(transparent)]
     Store(#[from] FileStoreError),
+    #[error(transparent)]
+    Volume(#[from] OpenError),
     #[error("cannot set up reactor {reactor}: {source}")]
     Reactor {
         reactor: usize,
@@ -49,25 +52,45 @@ pub enum ServeError {
 pub fn serve(config: ServeConfig) -> Result<(), ServeError> {
     // The single volume lives on the first reactor; connections spread over all of them.
     let volume_id = 0;
-    let store = match config.backend {
-        Backend::Memory => Store::Memory(MemoryStore::new()),
+    let create_parent = |path: &std::path::Path| match path
+        .parent()
+        .filter(|parent| !parent.as_os_str().is_empty())
+    {
+        Some(parent) => std::fs::create_dir_all(parent).map_err(|source| ServeError::DataDir {
+            path: parent.to_path_buf(),
+            source,
+        }),
+        None => Ok(()),
+    };
+    let (store, size_bytes) = match config.backend {
+        Backend::Memory => (Store::Memory(MemoryStore::new()), config.size_or_default()),
+        Backend::Raw => {
+            create_parent(&config.path)?;
+            let file = FileStore::open(&config.path, config.size_or_default(), volume_id)?;
+            tracing::info!(path = %config.path.display(), direct = file.is_direct(), "raw backing store opened");
+            (Store::Raw(file), config.size_or_default())
+        }
         Backend::File => {
-            if let Some(parent) = config
-                .path
-                .parent()
-                .filter(|parent| !parent.as_os_str().is_empty())
-            {
-                std::fs::create_dir_all(parent).map_err(|source| ServeError::DataDir {
-                    path: parent.to_path_buf(),
-                    source,
-                })?;
-            }
-            let file = FileStore::open(&config.path, config.size_bytes, volume_id)?;
-            tracing::info!(path = %config.path.display(), direct = file.is_direct(), "backing store opened");
-            Store::File(file)
+            create_parent(&config.path)?;
+            let opened = open_copy(
+                &config.path,
+                &config.volume,
+                config.size_bytes,
+                config.resize,
+                config.durability,
+                config.preallocate,
+            )?;
+            let size = opened.copy.superblock().volume_size;
+            (
+                Store::Persistent {
+                    copy: Box::new(opened.copy),
+                    file: opened.file,
+                },
+                size,
+            )
         }
     };
-    let volume = Volume::new(volume_id, config.size_bytes, store);
+    let volume = Volume::new(volume_id, size_bytes, store);
     let mut flags = TransmissionFlags::SEND_FLUSH
         | TransmissionFlags::SEND_FUA
         | TransmissionFlags::SEND_TRIM
@@ -80,7 +103,7 @@ pub fn serve(config: ServeConfig) -> Result<(), ServeError> {
     let exports: Arc<[ExportInfo]> = Arc::from(vec![ExportInfo {
         name: config.volume.clone(),
         description: format!("ferroblock {:?} volume", config.backend).to_lowercase(),
-        size_bytes: config.size_bytes,
+        size_bytes,
         flags,
     }]);
     let owners: Arc<[u16]> = Arc::from(vec![0u16]);
@@ -148,7 +171,7 @@ pub fn serve(config: ServeConfig) -> Result<(), ServeError> {
 
     install_signal_handlers(shutdown.clone(), mailboxes.clone())?;
     tracing::info!(
-        address = %local, volume = %config.volume, size_bytes = config.size_bytes, backend = ?config.backend,
+        address = %local, volume = %config.volume, size_bytes, backend = ?config.backend,
         cores = ?config.cores, poll = ?config.poll_mode, "serving"
     );
     // The one line on stdout: scripts and tests read the URI from it.

@@ -366,7 +366,7 @@ fn file_backend_persists_data() {
     let data = Rng::new(8).bytes(128 * 1024);
 
     // Missing file: created with the requested size.
-    let mut srv = Server::start(&["--backend", "file", "--path", &path_s, "--size", "8M"]);
+    let mut srv = Server::start(&["--backend", "raw", "--path", &path_s, "--size", "8M"]);
     assert_eq!(
         std::fs::metadata(&path)
             .expect("backing file created")
@@ -397,7 +397,7 @@ fn file_backend_persists_data() {
     assert!(on_disk[..MIB as usize].iter().all(|&b| b == 0));
 
     // Restart on the same file: the data is served back.
-    let srv = Server::start(&["--backend", "file", "--path", &path_s, "--size", "8M"]);
+    let srv = Server::start(&["--backend", "raw", "--path", &path_s, "--size", "8M"]);
     let mut c = srv.client();
     assert_bytes(
         &c.read(MIB, data.len() as u32).unwrap(),
@@ -423,7 +423,7 @@ fn file_backend_serves_existing_image() {
     let expect = std::fs::read(&path).unwrap();
     let srv = Server::start(&[
         "--backend",
-        "file",
+        "raw",
         "--path",
         path.to_str().unwrap(),
         "--size",
@@ -461,7 +461,7 @@ fn sigterm_finishes_in_flight_writes() {
     let path = dir.join("disk.img");
     let mut srv = Server::start(&[
         "--backend",
-        "file",
+        "raw",
         "--path",
         path.to_str().unwrap(),
         "--size",
@@ -538,7 +538,7 @@ fn file_backend_size_mismatch_never_loses_data() {
         let orig = std::fs::read(&path).unwrap();
         match Server::try_start(&[
             "--backend",
-            "file",
+            "raw",
             "--path",
             path.to_str().unwrap(),
             "--size",

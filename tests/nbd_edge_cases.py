@@ -80,21 +80,26 @@ def extents(h, offset, count, flags=0):
 
 
 def page_flags(h, offset, count):
-    """Status flags for every 4 KiB page in [offset, offset+count) (aligned)."""
-    out = []
-    pos = offset
+    """Status flags for every 4 KiB page in [offset, offset+count) (aligned): the AND of the flags of
+    every extent overlapping the page, so a page with any data in it reads as data whatever the
+    server's allocation granularity."""
     end = offset + count
+    pages = [None] * (count // PAGE)
+    pos = offset
     while pos < end:
         ext = extents(h, pos, end - pos)
+        check(len(ext) > 0, "no extents returned at %d" % pos)
         for (o, length, fl) in ext:
-            stop = min(o + length, end)
             check(length > 0, "zero-length extent")
-            while pos < stop:
-                out.append(fl)
-                pos += PAGE
+            stop = min(o + length, end)
+            first = (max(o, offset) - offset) // PAGE
+            last = (stop - 1 - offset) // PAGE
+            for p in range(first, last + 1):
+                pages[p] = fl if pages[p] is None else (pages[p] & fl)
+            pos = stop
             if pos >= end:
                 break
-    return out
+    return pages
 
 
 def pattern(byte, n):

@@ -4,6 +4,7 @@
 //! device). Must never: interpret protocol bytes, or be used from a thread other than the owning reactor.
 
 pub mod buf;
+pub mod device;
 pub mod file;
 pub mod memory;
 pub mod uring;

@@ -345,6 +345,8 @@ impl Reactor {
             worked |= self.reap_uring();
             worked |= self.drain_mailbox();
             self.deliver();
+            self.end_volume_iterations();
+            self.deliver();
             self.run_timers();
             if let Err(error) = self.router.uring.submit() {
                 tracing::error!(reactor = self.id, %error, "io_uring submit failed");
@@ -496,6 +498,18 @@ impl Reactor {
             self.router.send_foreign_completions(before);
         }
         true
+    }
+
+    /// Lets each owned volume write the batch gathered in this iteration (group commit).
+    fn end_volume_iterations(&mut self) {
+        let router = &mut self.router;
+        for index in 0..router.volumes.len() {
+            let before = router.done.len();
+            if let Some(volume) = router.volumes[index].as_mut() {
+                volume.end_iteration(&mut router.uring, &mut router.done);
+            }
+            router.send_foreign_completions(before);
+        }
     }
 
     fn drain_mailbox(&mut self) -> bool {

@@ -13,7 +13,14 @@ use std::collections::VecDeque;
 
 use bitflags::bitflags;
 
+pub mod copy;
+pub mod open;
+
+use std::fs::File;
+use std::os::fd::AsRawFd;
+
 use crate::io::AlignedBuf;
+use crate::io::device::UringDevice;
 use crate::io::file::FileStore;
 use crate::io::memory::MemoryStore;
 use crate::io::uring::Uring;
@@ -137,8 +144,16 @@ pub fn push_extent(buf: &mut AlignedBuf, count: &mut u32, length: u64, flags: u3
 
 /// Where a volume's blocks live.
 pub enum Store {
+    /// Sparse memory, lost at exit.
     Memory(MemoryStore),
-    File(FileStore),
+    /// A raw image file or device, block for block (no notes): for comparison with plain file servers.
+    Raw(FileStore),
+    /// A persistent volume copy: notes, op numbers, commits, crash recovery.
+    /// (Boxed: the copy is large and the enum is moved around at start-up.)
+    Persistent {
+        copy: Box<copy::VolumeCopy>,
+        file: File,
+    },
 }
 
 pub struct Volume {
@@ -168,7 +183,27 @@ impl Volume {
         debug_assert!(request.offset + u64::from(request.length) <= self.size_bytes);
         match &mut self.store {
             Store::Memory(memory) => done.push_back(memory.execute(request)),
-            Store::File(file) => file.submit(request, uring, done),
+            Store::Raw(file) => file.submit(request, uring, done),
+            Store::Persistent { copy, file } => {
+                let mut device = UringDevice {
+                    uring,
+                    fd: file.as_raw_fd(),
+                    volume: self.id,
+                };
+                copy.submit(request, &mut device, done);
+            }
+        }
+    }
+
+    /// End of a reactor iteration: a persistent copy writes the batch of notes gathered in it.
+    pub fn end_iteration(&mut self, uring: &mut Uring, done: &mut VecDeque<IoCompletion>) {
+        if let Store::Persistent { copy, file } = &mut self.store {
+            let mut device = UringDevice {
+                uring,
+                fd: file.as_raw_fd(),
+                volume: self.id,
+            };
+            copy.end_iteration(&mut device, done);
         }
     }
 
@@ -180,8 +215,17 @@ impl Volume {
         uring: &mut Uring,
         done: &mut VecDeque<IoCompletion>,
     ) {
-        if let Store::File(file) = &mut self.store {
-            file.complete(tag, result, uring, done);
+        match &mut self.store {
+            Store::Memory(_) => debug_assert!(false, "memory volumes submit no kernel IO"),
+            Store::Raw(file) => file.complete(tag, result, uring, done),
+            Store::Persistent { copy, file } => {
+                let mut device = UringDevice {
+                    uring,
+                    fd: file.as_raw_fd(),
+                    volume: self.id,
+                };
+                copy.complete(tag, result, &mut device, done);
+            }
         }
     }
 
@@ -189,12 +233,14 @@ impl Volume {
     pub fn in_flight(&self) -> usize {
         match &self.store {
             Store::Memory(_) => 0,
-            Store::File(file) => file.in_flight(),
+            Store::Raw(file) => file.in_flight(),
+            Store::Persistent { copy, .. } => copy.in_flight(),
         }
     }
 
-    /// Whether every connection sees the others' flushed writes (NBD multi-conn): true for both stores,
-    /// because every IO to a volume goes through its one owning reactor and a flush syncs the whole store.
+    /// Whether every connection sees the others' flushed writes (NBD multi-conn): true for every store,
+    /// because every IO to a volume goes through its one owning reactor, and a flush syncs the whole
+    /// store (raw) or has nothing to do because acknowledged writes are already durable (persistent).
     pub fn flush_is_global(&self) -> bool {
         true
     }

@@ -142,8 +142,10 @@ impl Server {
         let dir = TempDir::new("server");
         let stderr_path = dir.join("stderr.log");
         let stderr_file = File::create(&stderr_path).expect("create stderr log");
+        // The server runs in its own temp dir, so that its default data dir is private to the test.
         let mut child = Command::new(ferroblock_bin())
             .args(args)
+            .current_dir(dir.path())
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::from(stderr_file))

@@ -1,6 +1,7 @@
-//! The raw file store through io_uring: data written by real clients reaches the backing file, survives a
-//! restart, FUA and flush work, trims punch holes, a size mismatch is refused, and requests forwarded
-//! between reactors land on the volume's owner.
+//! The raw store (`--backend raw`, block for block in a file, through io_uring): data written by real
+//! clients reaches the backing file, survives a restart, FUA and flush work, trims punch holes, a size
+//! mismatch is refused; and, for every backend, requests forwarded between reactors land on the
+//! volume's owner.
 
 mod common;
 
@@ -15,7 +16,7 @@ fn file_server(dir: &TempDir, size: &str) -> Server {
     let path = dir.join("volume.raw");
     Server::start(&[
         "--backend",
-        "file",
+        "raw",
         "--path",
         path.to_str().expect("utf-8 path"),
         "--size",
@@ -142,7 +143,7 @@ fn an_existing_file_of_another_size_is_refused() {
     std::fs::write(&path, vec![1u8; 1 << 20]).expect("write 1 MiB file");
     let failure = match Server::try_start(&[
         "--backend",
-        "file",
+        "raw",
         "--path",
         path.to_str().unwrap(),
         "--size",
@@ -171,7 +172,7 @@ fn an_existing_file_of_another_size_is_refused() {
 #[test]
 fn requests_forwarded_between_reactors_see_one_volume() {
     let dir = TempDir::new("file-reactors");
-    for backend in ["memory", "file"] {
+    for backend in ["memory", "raw", "file"] {
         let path = dir.join(&format!("{backend}.raw"));
         let server = Server::start(&[
             "--backend",

@@ -1,0 +1,436 @@
+"""Shared helpers for bench/nbd-compare and bench/idle-cpu: building, starting and stopping targets,
+reading a process's CPU time from /proc, describing the machine and updating one section of RESULTS.md.
+
+Only processes started here are ever signalled, always by their own PID.
+"""
+
+import datetime
+import os
+import platform
+import re
+import select
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+
+BENCH_DIR = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(BENCH_DIR)
+RELEASE = os.path.join(ROOT, "target", "release")
+FERROBLOCK = os.path.join(RELEASE, "ferroblock")
+NBD_LOAD = os.path.join(RELEASE, "examples", "nbd-load")
+TCP_PINGPONG = os.path.join(RELEASE, "examples", "tcp-pingpong")
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+# Every process started through this module, so that an interrupted run can clean up after itself.
+_STARTED = []
+
+
+def log(message):
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+def env_str(name, default):
+    return os.environ.get(name, default)
+
+
+def env_float(name, default):
+    value = os.environ.get(name)
+    return float(value) if value not in (None, "") else float(default)
+
+
+def env_int(name, default):
+    value = os.environ.get(name)
+    return int(value) if value not in (None, "") else int(default)
+
+
+def env_list(name, default):
+    return [item.strip() for item in env_str(name, default).split(",") if item.strip()]
+
+
+def command_line(env_prefixes=("BENCH_", "IDLE_")):
+    """The command as it was typed, with the benchmark's environment variables in front."""
+    env = [
+        f"{key}={shlex.quote(value)}"
+        for key, value in sorted(os.environ.items())
+        if key.startswith(env_prefixes)
+    ]
+    argv0 = os.path.relpath(os.path.abspath(sys.argv[0]), ROOT)
+    return " ".join(env + [argv0] + [shlex.quote(arg) for arg in sys.argv[1:]])
+
+
+def build(examples=("nbd-load", "tcp-pingpong")):
+    """cargo build --release of the server and the bench examples (one cargo invocation)."""
+    command = ["cargo", "build", "--release", "--bin", "ferroblock"]
+    for example in examples:
+        command += ["--example", example]
+    log("building: " + " ".join(command))
+    result = subprocess.run(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    if result.returncode != 0:
+        sys.stderr.write(result.stdout)
+        raise SystemExit(f"build failed: {' '.join(command)}")
+
+
+def free_port():
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def taskset(cpus):
+    return ["taskset", "-c", cpus] if cpus else []
+
+
+class Target:
+    """One NBD server process: ferroblock in one poll mode, or nbdkit."""
+
+    def __init__(self, name, kind, argv, log_path):
+        self.name = name
+        self.kind = kind
+        self.argv = argv
+        self.log_path = log_path
+        self.proc = None
+        self.uri = None
+        self.stopped = False  # SIGSTOPped by us
+        self.exit_code = None
+
+    @property
+    def pid(self):
+        return self.proc.pid
+
+    def alive(self):
+        return self.proc is not None and self.proc.poll() is None
+
+    def pause(self):
+        """SIGSTOP: an idle target (above all a busy-polling one) must not steal the measured one's core."""
+        if self.alive() and not self.stopped:
+            os.kill(self.pid, signal.SIGSTOP)
+            self.stopped = True
+
+    def resume(self):
+        if self.alive() and self.stopped:
+            os.kill(self.pid, signal.SIGCONT)
+            self.stopped = False
+
+    def stop(self, timeout=15):
+        """SIGTERM, wait, SIGKILL as a last resort; returns the exit code (negative: killed by a signal)."""
+        if self.proc is None:
+            return None
+        if self.alive():
+            self.resume()
+            os.kill(self.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                log(f"{self.name}: no exit {timeout} s after SIGTERM; sending SIGKILL to pid {self.pid}")
+                os.kill(self.pid, signal.SIGKILL)
+                self.proc.wait()
+        self.exit_code = self.proc.returncode
+        if self in _STARTED:
+            _STARTED.remove(self)
+        return self.exit_code
+
+    def log_tail(self, lines=20):
+        try:
+            with open(self.log_path, errors="replace") as handle:
+                text = strip_ansi(handle.read())
+        except OSError:
+            return ""
+        return "\n".join(text.splitlines()[-lines:])
+
+    def log_problems(self):
+        """WARN/ERROR lines and panics in the target's stderr."""
+        try:
+            with open(self.log_path, errors="replace") as handle:
+                text = strip_ansi(handle.read())
+        except OSError:
+            return []
+        return [line for line in text.splitlines() if re.search(r"\b(WARN|ERROR)\b|panicked|fatal", line)]
+
+
+def strip_ansi(text):
+    return re.sub(r"\x1b\[[0-9;]*m", "", text)
+
+
+def start_ferroblock(poll, cpus, log_dir, size="1G", extra=(), name=None, cores=None):
+    """ferroblock serve on a system-chosen port; waits for its 'serving nbd://...' line.
+
+    `cpus` (e.g. "0") is both the taskset mask and, unless `cores` says otherwise, the --cores list, so
+    every thread of the process (reactors, signal thread, main) stays on the target's core(s)."""
+    name = name or f"ferroblock-{poll}"
+    argv = taskset(cpus) + [
+        FERROBLOCK, "serve", "--listen", "127.0.0.1:0", "--backend", "memory", "--size", size,
+        "--poll", poll,
+    ]
+    cores = cpus if cores is None else cores
+    if cores:
+        argv += ["--cores", cores]
+    argv += list(extra)
+    log_path = os.path.join(log_dir, f"{name}.log")
+    target = Target(name, "ferroblock", argv, log_path)
+    with open(log_path, "w") as stderr:
+        target.proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=stderr, stdin=subprocess.DEVNULL)
+    _STARTED.append(target)
+    deadline = time.monotonic() + 15
+    line = b""
+    while time.monotonic() < deadline:
+        ready, _, _ = select.select([target.proc.stdout], [], [], 0.2)
+        if ready:
+            chunk = os.read(target.proc.stdout.fileno(), 4096)
+            if not chunk:
+                break
+            line += chunk
+            if b"\n" in line:
+                break
+        elif target.proc.poll() is not None:
+            break
+    text = line.decode(errors="replace").strip()
+    if not text.startswith("ferroblock: serving nbd://"):
+        target.stop()
+        raise RuntimeError(f"{name} did not start ({' '.join(argv)}): {text!r}\n{target.log_tail()}")
+    target.uri = text.split()[-1]
+    return target
+
+
+def start_nbdkit(cpus, log_dir, size="1G", threads=None, name="nbdkit"):
+    """nbdkit -f memory SIZE on a free port; waits for its pid file (written once it listens)."""
+    port = free_port()
+    pidfile = os.path.join(log_dir, f"{name}.pid")
+    if os.path.exists(pidfile):
+        os.unlink(pidfile)
+    argv = taskset(cpus) + ["nbdkit", "-f", "--exit-with-parent", "-i", "127.0.0.1", "-p", str(port), "-P", pidfile]
+    if threads:
+        argv += ["-t", str(threads)]
+    argv += ["memory", size]
+    log_path = os.path.join(log_dir, f"{name}.log")
+    target = Target(name, "nbdkit", argv, log_path)
+    with open(log_path, "w") as stderr:
+        target.proc = subprocess.Popen(argv, stdout=stderr, stderr=stderr, stdin=subprocess.DEVNULL)
+    _STARTED.append(target)
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline:
+        if os.path.exists(pidfile) and os.path.getsize(pidfile) > 0:
+            break
+        if target.proc.poll() is not None:
+            break
+        time.sleep(0.05)
+    else:
+        target.stop()
+        raise RuntimeError(f"nbdkit did not start: {' '.join(argv)}\n{target.log_tail()}")
+    if target.proc.poll() is not None:
+        raise RuntimeError(f"nbdkit exited at start: {' '.join(argv)}\n{target.log_tail()}")
+    target.uri = f"nbd://127.0.0.1:{port}/"
+    return target
+
+
+def stop_all():
+    for target in list(_STARTED):
+        try:
+            target.stop(timeout=5)
+        except Exception as error:  # noqa: BLE001 - best effort at exit
+            log(f"stopping {target.name}: {error}")
+
+
+def cpu_ticks(pid):
+    """utime+stime of a whole process (all its threads) in clock ticks, or None if it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as handle:
+            stat = handle.read()
+    except OSError:
+        return None
+    fields = stat[stat.rindex(")") + 2:].split()
+    return int(fields[11]) + int(fields[12])  # fields 14 and 15 of proc(5), counted from after comm
+
+
+def cpu_nanos(pid):
+    """CPU time of a whole process in ns: the sum of its threads' on-CPU time from
+    /proc/PID/task/*/schedstat (exact, unlike the tick-sampled utime/stime), falling back to
+    /proc/PID/stat. None if the process is gone."""
+    total = 0
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+        for tid in tids:
+            try:
+                with open(f"/proc/{pid}/task/{tid}/schedstat") as handle:
+                    total += int(handle.read().split()[0])
+            except (OSError, ValueError, IndexError):
+                continue
+    except OSError:
+        return None
+    if total == 0:
+        ticks = cpu_ticks(pid)
+        return None if ticks is None else ticks * 1_000_000_000 // CLK_TCK
+    return total
+
+
+def thread_cpu_nanos(pid):
+    """{thread name/tid: on-CPU ns} for every thread of a process (from schedstat)."""
+    result = {}
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return result
+    for tid in tids:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/comm") as handle:
+                comm = handle.read().strip()
+            with open(f"/proc/{pid}/task/{tid}/schedstat") as handle:
+                result[f"{comm}/{tid}"] = int(handle.read().split()[0])
+        except (OSError, ValueError, IndexError):
+            continue
+    return result
+
+
+def system_busy_ticks():
+    """(busy, steal) clock ticks summed over all CPUs from /proc/stat: busy is everything but idle and
+    iowait (steal included, since a hypervisor running someone else is load too)."""
+    with open("/proc/stat") as handle:
+        fields = [int(value) for value in handle.readline().split()[1:]]
+    user, nice, system, idle, iowait, irq, softirq, steal = (fields + [0] * 8)[:8]
+    return user + nice + system + irq + softirq + steal, steal
+
+
+class CpuSampler:
+    """CPU use of some processes between `start()` and `stop()`, in percent of one core (from their
+    threads' schedstat, exact), and the CPU use of everything else on the machine (`other`: all CPUs' busy
+    time from /proc/stat less these processes' utime+stime, both tick-based)."""
+
+    def __init__(self, pids):
+        self.pids = dict(pids)
+        self.begin = {}
+        self.system_begin = None
+        self.t0 = None
+        self.percent = {}
+
+    def start(self):
+        self.t0 = time.monotonic()
+        self.begin = {key: cpu_nanos(pid) for key, pid in self.pids.items()}
+        self.begin_ticks = {key: cpu_ticks(pid) for key, pid in self.pids.items()}
+        self.system_begin = system_busy_ticks()
+
+    def stop(self):
+        elapsed = time.monotonic() - self.t0
+        system_end = system_busy_ticks()
+        ours = 0.0  # seconds, from the same tick-based source as /proc/stat
+        for key, pid in self.pids.items():
+            end = cpu_nanos(pid)
+            end_ticks = cpu_ticks(pid)
+            if end is None or self.begin.get(key) is None or elapsed <= 0:
+                self.percent[key] = None
+            else:
+                self.percent[key] = 100.0 * (end - self.begin[key]) / 1e9 / elapsed
+            if end_ticks is not None and self.begin_ticks.get(key) is not None:
+                ours += (end_ticks - self.begin_ticks[key]) / CLK_TCK
+        other = (system_end[0] - self.system_begin[0]) / CLK_TCK - ours
+        self.percent["other"] = max(0.0, 100.0 * other / elapsed)
+        self.percent["steal"] = 100.0 * (system_end[1] - self.system_begin[1]) / CLK_TCK / elapsed
+        return self.percent
+
+
+def _run(command):
+    try:
+        return subprocess.run(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                              timeout=20).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unavailable"
+
+
+def machine_description():
+    """Key/value pairs describing the machine, the tools and the source under test."""
+    lscpu = _run(["lscpu"])
+    fields = {}
+    for line in lscpu.splitlines():
+        if ":" in line:
+            key, value = line.split(":", 1)
+            fields[key.strip()] = value.strip()
+    mem_gib = "?"
+    try:
+        with open("/proc/meminfo") as handle:
+            for line in handle:
+                if line.startswith("MemTotal:"):
+                    mem_gib = f"{int(line.split()[1]) / 1024 / 1024:.1f} GiB"
+    except OSError:
+        pass
+    try:
+        with open("/sys/devices/system/clocksource/clocksource0/current_clocksource") as handle:
+            clocksource = handle.read().strip()
+    except OSError:
+        clocksource = "?"
+    try:
+        with open("/etc/debian_version") as handle:
+            distro = "Debian " + handle.read().strip()
+    except OSError:
+        distro = platform.platform()
+    revision = _run(["git", "-C", ROOT, "rev-parse", "--short", "HEAD"])
+    dirty = _run(["git", "-C", ROOT, "status", "--porcelain", "--", "src", "Cargo.toml", "Cargo.lock"])
+    loadavg = "?"
+    try:
+        with open("/proc/loadavg") as handle:
+            loadavg = " ".join(handle.read().split()[:3])
+    except OSError:
+        pass
+    return [
+        ("CPU", f"{fields.get('Model name', '?')} ({fields.get('Vendor ID', '?')}), "
+                f"{fields.get('CPU(s)', '?')} CPUs, {fields.get('Thread(s) per core', '?')} thread(s)/core, "
+                f"hypervisor: {fields.get('Hypervisor vendor', 'none')}"),
+        ("Memory", mem_gib),
+        ("Kernel", f"{platform.release()} ({distro}), clocksource {clocksource}"),
+        ("Load average at start", loadavg),
+        ("fio", _run(["fio", "--version"])),
+        ("nbdkit", _run(["nbdkit", "--version"])),
+        ("rustc", _run(["rustc", "--version"])),
+        ("ferroblock source", f"git {revision}" + (" + uncommitted changes in src/" if dirty.strip() else "")),
+    ]
+
+
+def now_utc():
+    return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
+RESULTS_HEADER = """# ferroblock benchmark results
+
+Written by the scripts in bench/ (see bench/README.md); each script replaces only its own section.
+"""
+
+
+def update_section(path, name, body):
+    """Replaces the text between `<!-- BEGIN name -->` and `<!-- END name -->` in `path` (appending the
+    section if absent), so that nbd-compare and idle-cpu can share one RESULTS.md."""
+    begin, end = f"<!-- BEGIN {name} -->", f"<!-- END {name} -->"
+    block = f"{begin}\n{body.rstrip()}\n{end}\n"
+    try:
+        with open(path) as handle:
+            text = handle.read()
+    except FileNotFoundError:
+        text = RESULTS_HEADER
+    if begin in text and end in text:
+        head, rest = text.split(begin, 1)
+        _, tail = rest.split(end, 1)
+        text = head + block + tail.lstrip("\n")
+    else:
+        text = text.rstrip() + "\n\n" + block
+    with open(path, "w") as handle:
+        handle.write(text)
+
+
+def markdown_table(header, rows, align=None):
+    align = align or ["---"] * len(header)
+    lines = ["| " + " | ".join(header) + " |", "| " + " | ".join(align) + " |"]
+    for row in rows:
+        lines.append("| " + " | ".join(str(cell) for cell in row) + " |")
+    return "\n".join(lines)
+
+
+def fmt(value, digits=1, suffix=""):
+    if value is None:
+        return "n/a"
+    if isinstance(value, float) and abs(value) >= 1000 and digits <= 1:
+        return f"{value:,.0f}{suffix}"
+    return f"{value:.{digits}f}{suffix}"
+
+
+def make_log_dir(prefix):
+    return tempfile.mkdtemp(prefix=prefix)

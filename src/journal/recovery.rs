@@ -1,0 +1,365 @@
+//! Crash recovery: from the journal ring back to the committed state.
+//!
+//! Owns: the rules that decide which journal blocks form the log, which checkpoint is the base, and up
+//! to which op notes are committed. Recovery = load the newest complete checkpoint + replay the notes
+//! after it, in op order, up to the commit watermark. Notes above the watermark are dropped (never
+//! exposed); damage to anything that was once durable is an error naming the block, never repaired.
+//! Must never: guess. Every "the log ends here" decision is justified by the `durable_before` fields
+//! (a torn tail is only possible for blocks no later block vouched for).
+
+use std::io;
+
+use crate::btree::{Extent, ExtentMap, Location};
+use crate::journal::format::{
+    self, BlockHeader, BlockKind, CheckpointDone, JOURNAL_BLOCK_BYTES, LOCATION_ZERO, NoteKind,
+    NoteRecord,
+};
+use crate::journal::superblock::Superblock;
+
+/// Journal blocks a writer may have in flight at once; recovery looks this far past a torn block for
+/// proof that it had been durable.
+pub const JOURNAL_BLOCKS_IN_FLIGHT_MAX: u64 = 64;
+/// Bytes read from the device per request while scanning.
+const SCAN_CHUNK_BYTES: usize = 1 << 20;
+
+#[derive(Debug, thiserror::Error)]
+pub enum RecoveryError {
+    #[error("IO error at byte {address}: {source}")]
+    Io { address: u64, source: io::Error },
+    #[error(
+        "journal block seq {seq} is damaged but a later durable block proves it was written: corruption"
+    )]
+    DamagedDurableBlock { seq: u64 },
+    #[error("checkpoint {checkpoint_id} is incomplete or damaged: {reason}")]
+    Checkpoint {
+        checkpoint_id: u64,
+        reason: &'static str,
+    },
+    #[error("journal block seq {seq}: {reason}")]
+    Malformed { seq: u64, reason: &'static str },
+    #[error("committed op {op} has a damaged or missing note: corruption")]
+    DamagedCommittedNote { op: u64 },
+}
+
+/// The committed state and where the journal continues.
+pub struct Recovered {
+    pub map: ExtentMap,
+    pub committed_op: u64,
+    /// Seq of the next block to write.
+    pub next_seq: u64,
+    /// Blocks before this seq may be overwritten.
+    pub live_from_seq: u64,
+    /// Incarnation for blocks written from now on: greater than any block in the ring.
+    pub incarnation: u32,
+    pub checkpoint_id: u64,
+    /// Durable notes above the watermark that were dropped (never acknowledged).
+    pub notes_dropped: u64,
+    pub blocks_replayed: u64,
+}
+
+impl Recovered {
+    /// The state of a store that was just created.
+    pub fn empty() -> Recovered {
+        Recovered {
+            map: ExtentMap::new(),
+            committed_op: 0,
+            next_seq: 0,
+            live_from_seq: 0,
+            incarnation: 1,
+            checkpoint_id: 0,
+            notes_dropped: 0,
+            blocks_replayed: 0,
+        }
+    }
+}
+
+#[derive(Clone, Copy)]
+struct Summary {
+    header: BlockHeader,
+}
+
+/// Reads `buffer.len()` bytes at byte `address` of the backing store.
+pub type ReadAt<'a> = dyn FnMut(u64, &mut [u8]) -> io::Result<()> + 'a;
+
+pub fn recover(
+    superblock: &Superblock,
+    read_at: &mut ReadAt<'_>,
+) -> Result<Recovered, RecoveryError> {
+    let ring_blocks = superblock.journal_blocks();
+    let volume_id = superblock.volume_id;
+    let mut read = |address: u64, buffer: &mut [u8]| {
+        read_at(address, buffer).map_err(|source| RecoveryError::Io { address, source })
+    };
+
+    // Pass 1: which ring slots hold a valid block, and the newest checkpoint-done record.
+    let mut summaries: Vec<Option<Summary>> = vec![None; ring_blocks as usize];
+    let mut newest_done: Option<(u64, CheckpointDone)> = None;
+    let mut max_incarnation = 0u32;
+    let mut chunk = vec![0u8; SCAN_CHUNK_BYTES];
+    let blocks_per_chunk = (SCAN_CHUNK_BYTES / JOURNAL_BLOCK_BYTES) as u64;
+    let mut index = 0u64;
+    while index < ring_blocks {
+        let count = blocks_per_chunk.min(ring_blocks - index);
+        let bytes = &mut chunk[..(count as usize) * JOURNAL_BLOCK_BYTES];
+        read(
+            superblock.journal_offset + index * JOURNAL_BLOCK_BYTES as u64,
+            bytes,
+        )?;
+        for (offset, block) in bytes.chunks_exact(JOURNAL_BLOCK_BYTES).enumerate() {
+            let slot = index + offset as u64;
+            let Some(header) = format::open_block(block, volume_id) else {
+                continue;
+            };
+            if header.seq % ring_blocks != slot {
+                continue; // a block can only live in its own slot; anything else is not ours
+            }
+            max_incarnation = max_incarnation.max(header.incarnation);
+            if header.kind == BlockKind::CheckpointDone
+                && newest_done.is_none_or(|(seq, _)| header.seq > seq)
+            {
+                newest_done = Some((header.seq, format::get_checkpoint_done(block)));
+            }
+            summaries[slot as usize] = Some(Summary { header });
+        }
+        index += count;
+    }
+
+    // Pass 2: the chain of consecutive blocks from the replay start.
+    let (start_seq, checkpoint) = match newest_done {
+        Some((_, done)) => (done.replay_from_seq, Some(done)),
+        None => (0, None),
+    };
+    let slot_of = |seq: u64| (seq % ring_blocks) as usize;
+    let mut end_seq = start_seq;
+    let mut chain_incarnation = 0u32;
+    let mut commit_through = 0u64;
+    let mut durable_before = start_seq;
+    while end_seq - start_seq < ring_blocks {
+        let Some(summary) = summaries[slot_of(end_seq)] else {
+            break;
+        };
+        if summary.header.seq != end_seq || summary.header.incarnation < chain_incarnation {
+            break;
+        }
+        chain_incarnation = summary.header.incarnation;
+        commit_through = commit_through.max(summary.header.commit_through);
+        durable_before = durable_before.max(summary.header.durable_before);
+        end_seq += 1;
+    }
+    // A block past the end that vouches for the end block means the end block was durable: damage.
+    for seq in end_seq + 1..end_seq + JOURNAL_BLOCKS_IN_FLIGHT_MAX.min(ring_blocks) {
+        if let Some(summary) = summaries[slot_of(seq)]
+            && summary.header.seq == seq
+            && summary.header.incarnation >= chain_incarnation
+            && summary.header.durable_before > end_seq
+        {
+            return Err(RecoveryError::DamagedDurableBlock { seq: end_seq });
+        }
+    }
+    if durable_before > end_seq {
+        return Err(RecoveryError::DamagedDurableBlock { seq: end_seq });
+    }
+
+    // Pass 3: load the checkpoint, then replay notes after it.
+    let mut map = ExtentMap::new();
+    let mut block = vec![0u8; JOURNAL_BLOCK_BYTES];
+    let base_op = match checkpoint {
+        Some(done) => {
+            let damaged = |reason| RecoveryError::Checkpoint {
+                checkpoint_id: done.checkpoint_id,
+                reason,
+            };
+            if !(start_seq <= done.first_seq
+                && done.first_seq <= done.end_seq
+                && done.end_seq <= end_seq)
+            {
+                return Err(damaged("its blocks are not all in the journal"));
+            }
+            let mut crc = 0u32;
+            let mut count = 0u64;
+            let mut freed = Vec::new();
+            for seq in done.first_seq..done.end_seq {
+                read_block(&mut read, superblock, seq, &mut block)?;
+                let header = format::open_block(&block, volume_id)
+                    .ok_or(damaged("a block changed while reading"))?;
+                if header.kind != BlockKind::CheckpointExtents
+                    || header.checkpoint_id != done.checkpoint_id
+                {
+                    continue;
+                }
+                crc = crc32c::crc32c_append(
+                    crc,
+                    format::extent_bytes(&block, usize::from(header.count)),
+                );
+                for record_index in 0..usize::from(header.count) {
+                    let record = format::get_extent(&block, record_index);
+                    let location = if record.location == LOCATION_ZERO {
+                        Location::Zero
+                    } else {
+                        Location::Data(record.location)
+                    };
+                    let valid = record.length > 0
+                        && record.offset.is_multiple_of(512)
+                        && record.length.is_multiple_of(512)
+                        && record
+                            .offset
+                            .checked_add(record.length)
+                            .is_some_and(|end| end <= superblock.volume_size)
+                        && (location == Location::Zero
+                            || record
+                                .location
+                                .checked_add(record.length)
+                                .is_some_and(|end| end <= superblock.data_bytes));
+                    if !valid || record.op > done.op {
+                        return Err(damaged("an extent record is out of range"));
+                    }
+                    map.insert(
+                        Extent {
+                            offset: record.offset,
+                            length: record.length,
+                            op: record.op,
+                            location,
+                        },
+                        &mut freed,
+                    );
+                    if !freed.is_empty() {
+                        return Err(damaged("extent records overlap"));
+                    }
+                    count += 1;
+                }
+            }
+            if count != done.extent_count || crc != done.extents_crc {
+                return Err(damaged("extent count or checksum mismatch"));
+            }
+            done.op
+        }
+        None => 0,
+    };
+
+    let mut committed_op = base_op;
+    let mut notes_dropped = 0u64;
+    let mut pending: Vec<(NoteRecord, u64)> = Vec::new(); // pieces of the op being assembled, with block seq
+    let mut stopped = false;
+    let mut freed = Vec::new();
+    let mut data = Vec::new();
+    for seq in start_seq..end_seq {
+        if summaries[slot_of(seq)].is_some_and(|summary| summary.header.kind != BlockKind::Notes) {
+            continue;
+        }
+        read_block(&mut read, superblock, seq, &mut block)?;
+        let header = format::open_block(&block, volume_id).ok_or(RecoveryError::Malformed {
+            seq,
+            reason: "block changed between scans",
+        })?;
+        for record_index in 0..usize::from(header.count) {
+            let note = format::get_note(&block, record_index).ok_or(RecoveryError::Malformed {
+                seq,
+                reason: "malformed note record",
+            })?;
+            if note.op <= base_op {
+                continue;
+            }
+            if stopped {
+                notes_dropped += 1;
+                continue;
+            }
+            if note.op != committed_op + 1 || usize::from(note.piece_index) != pending.len() {
+                return Err(RecoveryError::Malformed {
+                    seq,
+                    reason: "notes out of op order",
+                });
+            }
+            let in_volume = note
+                .offset
+                .checked_add(note.length)
+                .is_some_and(|end| end <= superblock.volume_size);
+            let in_data = note.kind == NoteKind::Zero
+                || note
+                    .location
+                    .checked_add(note.length)
+                    .is_some_and(|end| end <= superblock.data_bytes);
+            if !in_volume || !in_data {
+                return Err(RecoveryError::Malformed {
+                    seq,
+                    reason: "note out of range",
+                });
+            }
+            pending.push((note, seq));
+            if pending.len() < usize::from(note.piece_count) {
+                continue;
+            }
+            // The op is complete in the journal. Committed? Is its data intact?
+            let op = note.op;
+            let committed = op <= commit_through;
+            let known_durable = pending.iter().all(|(_, seq)| *seq < durable_before);
+            let mut intact = true;
+            if committed && !known_durable {
+                for (piece, _) in &pending {
+                    if piece.kind == NoteKind::Write {
+                        data.resize(piece.length as usize, 0);
+                        read(superblock.data_offset + piece.location, &mut data)?;
+                        intact &= crc32c::crc32c(&data) == piece.data_crc;
+                    }
+                }
+            }
+            if !committed || !intact {
+                stopped = true;
+                notes_dropped += 1;
+                pending.clear();
+                continue;
+            }
+            for (piece, _) in pending.drain(..) {
+                let location = if piece.kind == NoteKind::Zero {
+                    Location::Zero
+                } else {
+                    Location::Data(piece.location)
+                };
+                map.insert(
+                    Extent {
+                        offset: piece.offset,
+                        length: piece.length,
+                        op,
+                        location,
+                    },
+                    &mut freed,
+                );
+            }
+            freed.clear();
+            committed_op = op;
+        }
+    }
+    // A watermark the log vouches for (written in a block known durable) must be reached.
+    let durable_commit = (start_seq..durable_before.min(end_seq))
+        .filter_map(|seq| summaries[slot_of(seq)].map(|summary| summary.header.commit_through))
+        .max()
+        .unwrap_or(0);
+    if committed_op < durable_commit.max(base_op) {
+        return Err(RecoveryError::DamagedCommittedNote {
+            op: committed_op + 1,
+        });
+    }
+    notes_dropped += pending.len() as u64;
+    Ok(Recovered {
+        map,
+        committed_op,
+        next_seq: end_seq,
+        live_from_seq: start_seq,
+        incarnation: max_incarnation + 1,
+        checkpoint_id: checkpoint.map_or(0, |done| done.checkpoint_id),
+        notes_dropped,
+        blocks_replayed: end_seq - start_seq,
+    })
+}
+
+fn read_block(
+    read: &mut impl FnMut(u64, &mut [u8]) -> Result<(), RecoveryError>,
+    superblock: &Superblock,
+    seq: u64,
+    block: &mut [u8],
+) -> Result<(), RecoveryError> {
+    let slot = seq % superblock.journal_blocks();
+    read(
+        superblock.journal_offset + slot * JOURNAL_BLOCK_BYTES as u64,
+        block,
+    )
+}

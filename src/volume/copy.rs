@@ -1,0 +1,1087 @@
+//! A volume copy: one peer's durable storage of a volume, built of notes, op numbers and commits.
+//!
+//! Owns: the committed extent map (the readable state), the data-area allocator, the note log (journal
+//! blocks in flight, notes awaiting commit), checkpoints, and the reads in flight.
+//!
+//! Write path: a write gets data space and the next op number; its data goes to the new space and its
+//! note record into the journal block of this reactor iteration. When the block and the data are durable
+//! (one fdatasync for the whole batch, or RWF_DSYNC writes) the notes are committed strictly in op order:
+//! inserted into the extent map, which makes them readable, and only then acknowledged. Space the commit
+//! overwrites is freed once no read that could still be using it is in flight.
+//!
+//! Must never: make a note readable before it is durable, commit out of op order, acknowledge a write
+//! that failed or is not durable, reuse data space a committed extent or an in-flight read still uses,
+//! or overwrite journal blocks that recovery would still need.
+
+use std::collections::VecDeque;
+
+use crate::alloc::Allocator;
+use crate::btree::{Extent, ExtentMap, Location, Mapping, Piece};
+use crate::io::AlignedBuf;
+use crate::io::device::Device;
+use crate::journal::format::{
+    self, BlockHeader, BlockKind, CheckpointDone, EXTENTS_PER_BLOCK, ExtentRecord,
+    JOURNAL_BLOCK_BYTES, LOCATION_ZERO, NOTES_PER_BLOCK, NoteKind, NoteRecord,
+};
+use crate::journal::recovery::{JOURNAL_BLOCKS_IN_FLIGHT_MAX, Recovered};
+use crate::journal::superblock::Superblock;
+use crate::volume::{
+    EXTENT_HOLE, EXTENT_ZERO, EXTENTS_PER_REPLY_MAX, IoCompletion, IoFlags, IoKind, IoRequest,
+    VolumeError, push_extent,
+};
+
+/// How notes are made durable.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Durability {
+    /// Plain writes, then one fdatasync per batch.
+    Fdatasync,
+    /// Every data and journal write with RWF_DSYNC (FUA on devices that have it); no separate sync.
+    Dsync,
+}
+
+/// Device operations one volume copy keeps in flight at most.
+pub const DEVICE_OPS_MAX: usize = 512;
+/// Checkpoint blocks produced per reactor iteration, so that a checkpoint never stalls host IO.
+const CHECKPOINT_BLOCKS_PER_ITERATION: usize = 16;
+/// Volume bytes a checkpoint step scans per lookup.
+const CHECKPOINT_SCAN_BYTES: u64 = 64 << 20;
+/// Source of the zeros written for write-zeroes with NO_HOLE (allocated on first use).
+const ZERO_BUFFER_BYTES: usize = 16 << 20;
+/// Spare journal blocks kept beyond a checkpoint's needs.
+const JOURNAL_SPARE_BLOCKS: u64 = 8;
+
+#[derive(Debug, Clone, Copy)]
+enum DeviceOp {
+    NoteData { op: u64 },
+    JournalBlock { seq: u64 },
+    Sync { covers_before: u64 },
+    ReadPiece { read: u32 },
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Submission {
+    Write {
+        address: u64,
+        data: *const u8,
+        length: usize,
+    },
+    Read {
+        address: u64,
+        data: *mut u8,
+        length: usize,
+    },
+    Sync,
+}
+
+struct Note {
+    op: u64,
+    kind: NoteKind,
+    /// The host request; taken when it is completed.
+    request: Option<IoRequest>,
+    pieces: Vec<Piece>,
+    data_pending: u32,
+    /// Journal seqs of the blocks holding its first and last record.
+    first_seq: u64,
+    last_seq: u64,
+    failed: bool,
+}
+
+struct SealedBlock {
+    seq: u64,
+    buf: AlignedBuf,
+    written: bool,
+}
+
+struct OpenBlock {
+    buf: AlignedBuf,
+    kind: BlockKind,
+    count: usize,
+    checkpoint_id: u64,
+}
+
+struct ReadJob {
+    request: IoRequest,
+    mappings: Vec<Mapping>,
+    next: usize,
+    pending: u32,
+    started_at: u64,
+    error: Option<VolumeError>,
+}
+
+enum CheckpointPhase {
+    Writing { cursor: u64 },
+    AwaitDurable { end_seq: u64 },
+    AwaitDone { done_seq: u64 },
+}
+
+struct CheckpointJob {
+    id: u64,
+    op: u64,
+    snapshot: ExtentMap,
+    first_seq: u64,
+    replay_from_seq: u64,
+    count: u64,
+    crc: u32,
+    /// Extent records scanned from the snapshot and not yet written.
+    records: Vec<ExtentRecord>,
+    records_written: usize,
+    phase: CheckpointPhase,
+}
+
+/// Counters for tests, benchmarks and (later) metrics.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct CopyStats {
+    pub committed_op: u64,
+    pub next_op: u64,
+    pub journal_blocks_written: u64,
+    pub syncs: u64,
+    pub checkpoints: u64,
+    pub data_bytes_written: u64,
+    pub journal_bytes_written: u64,
+    pub free_bytes: u64,
+}
+
+pub struct VolumeCopy {
+    superblock: Superblock,
+    durability: Durability,
+    map: ExtentMap,
+    allocator: Allocator,
+    epoch: u64,
+    incarnation: u32,
+    next_op: u64,
+    committed_op: u64,
+    next_seq: u64,
+    durable_before: u64,
+    live_from_seq: u64,
+    open: Option<OpenBlock>,
+    sealed: VecDeque<SealedBlock>,
+    notes: VecDeque<Note>,
+    sync_in_flight: bool,
+    ops: Vec<Option<(DeviceOp, Submission)>>,
+    free_tags: Vec<u32>,
+    unsubmitted: VecDeque<u32>,
+    waiting: VecDeque<IoRequest>,
+    reads: Vec<Option<ReadJob>>,
+    free_reads: Vec<u32>,
+    limbo: VecDeque<(u64, Piece)>,
+    free_counter: u64,
+    checkpoint: Option<CheckpointJob>,
+    checkpoint_id: u64,
+    failed: Option<VolumeError>,
+    block_pool: Vec<AlignedBuf>,
+    piece_pool: Vec<Vec<Piece>>,
+    freed: Vec<Piece>,
+    /// Never written to after allocation: the kernel may read it at any time.
+    zeros: AlignedBuf,
+    stats: CopyStats,
+}
+
+// SAFETY: the raw pointers in `ops` point into buffers this copy owns (note requests, sealed journal
+// blocks, read jobs); moving the copy to another thread moves their owner with them, and the copy is only
+// ever used by one thread at a time (its reactor).
+unsafe impl Send for VolumeCopy {}
+
+impl VolumeCopy {
+    /// The runtime state after recovery: `allocator` must already hold the map's live data.
+    pub fn new(
+        superblock: Superblock,
+        recovered: Recovered,
+        allocator: Allocator,
+        durability: Durability,
+    ) -> VolumeCopy {
+        VolumeCopy {
+            superblock,
+            durability,
+            map: recovered.map,
+            allocator,
+            epoch: 0,
+            incarnation: recovered.incarnation,
+            next_op: recovered.committed_op + 1,
+            committed_op: recovered.committed_op,
+            next_seq: recovered.next_seq,
+            durable_before: recovered.next_seq,
+            live_from_seq: recovered.live_from_seq,
+            open: None,
+            sealed: VecDeque::with_capacity(JOURNAL_BLOCKS_IN_FLIGHT_MAX as usize),
+            notes: VecDeque::with_capacity(256),
+            sync_in_flight: false,
+            ops: (0..DEVICE_OPS_MAX).map(|_| None).collect(),
+            free_tags: (0..DEVICE_OPS_MAX as u32).rev().collect(),
+            unsubmitted: VecDeque::with_capacity(DEVICE_OPS_MAX),
+            waiting: VecDeque::new(),
+            reads: Vec::new(),
+            free_reads: Vec::new(),
+            limbo: VecDeque::new(),
+            free_counter: 0,
+            checkpoint: None,
+            checkpoint_id: recovered.checkpoint_id,
+            failed: None,
+            block_pool: Vec::new(),
+            piece_pool: Vec::new(),
+            freed: Vec::new(),
+            zeros: AlignedBuf::empty(),
+            stats: CopyStats::default(),
+        }
+    }
+
+    pub fn superblock(&self) -> &Superblock {
+        &self.superblock
+    }
+
+    pub fn stats(&self) -> CopyStats {
+        CopyStats {
+            committed_op: self.committed_op,
+            next_op: self.next_op,
+            free_bytes: self.allocator.free_bytes(),
+            ..self.stats
+        }
+    }
+
+    /// Device operations and host requests not finished yet.
+    pub fn in_flight(&self) -> usize {
+        DEVICE_OPS_MAX - self.free_tags.len() + self.waiting.len() + self.notes.len()
+    }
+
+    /// Starts (or parks) a host request.
+    pub fn submit(
+        &mut self,
+        request: IoRequest,
+        device: &mut dyn Device,
+        done: &mut VecDeque<IoCompletion>,
+    ) {
+        if !self.waiting.is_empty() {
+            self.waiting.push_back(request);
+            return;
+        }
+        if let Err(request) = self.start(request, device, done) {
+            self.waiting.push_back(request);
+        }
+    }
+
+    /// Starts a request, or gives it back when resources (device slots, data or journal space) are
+    /// short for now.
+    fn start(
+        &mut self,
+        mut request: IoRequest,
+        device: &mut dyn Device,
+        done: &mut VecDeque<IoCompletion>,
+    ) -> Result<(), IoRequest> {
+        match request.kind {
+            IoKind::Read => return self.start_read(request, device, done),
+            IoKind::Write | IoKind::Trim | IoKind::WriteZeroes => {}
+            IoKind::Flush | IoKind::Cache => {
+                // Every acknowledged write is already durable: nothing to wait for.
+                let result = match self.failed {
+                    Some(error) if request.kind == IoKind::Flush => Err(error),
+                    _ => Ok(0),
+                };
+                done.push_back(IoCompletion {
+                    origin: request.origin,
+                    result,
+                    buf: request.buf,
+                });
+                return Ok(());
+            }
+            IoKind::BlockStatus => {
+                let count = self.block_status(&mut request);
+                done.push_back(IoCompletion {
+                    origin: request.origin,
+                    result: Ok(count),
+                    buf: request.buf,
+                });
+                return Ok(());
+            }
+        }
+        if let Some(error) = self.failed {
+            done.push_back(IoCompletion {
+                origin: request.origin,
+                result: Err(error),
+                buf: request.buf,
+            });
+            return Ok(());
+        }
+        // Write-zeroes with NO_HOLE must leave the range allocated: it is written as zeros. Trims and
+        // plain write-zeroes become zero extents, which cost no data space.
+        let zero_data =
+            request.kind == IoKind::WriteZeroes && request.flags.contains(IoFlags::NO_HOLE);
+        let kind = if request.kind == IoKind::Write || zero_data {
+            NoteKind::Write
+        } else {
+            NoteKind::Zero
+        };
+        if zero_data && self.zeros.is_empty() {
+            self.zeros = AlignedBuf::with_capacity(ZERO_BUFFER_BYTES);
+            self.zeros.set_len(ZERO_BUFFER_BYTES);
+        }
+        let mut pieces = self.piece_pool.pop().unwrap_or_default();
+        pieces.clear();
+        if kind == NoteKind::Write
+            && self
+                .allocator
+                .allocate(u64::from(request.length), &mut pieces)
+                .is_err()
+        {
+            self.piece_pool.push(pieces);
+            if self.notes.is_empty() && self.limbo.is_empty() {
+                done.push_back(IoCompletion {
+                    origin: request.origin,
+                    result: Err(VolumeError::NoSpace),
+                    buf: request.buf,
+                });
+                return Ok(());
+            }
+            return Err(request); // commits in flight will free space
+        }
+        let records = pieces.len().max(1);
+        let blocks_needed = records.div_ceil(NOTES_PER_BLOCK) as u64 + 1;
+        let data_writes: usize = if zero_data {
+            pieces
+                .iter()
+                .map(|piece| (piece.length as usize).div_ceil(ZERO_BUFFER_BYTES))
+                .sum()
+        } else {
+            pieces.len()
+        };
+        if self.free_tags.len() < data_writes + blocks_needed as usize + 1
+            || !self.journal_has_room(blocks_needed)
+        {
+            for piece in pieces.drain(..) {
+                self.allocator.free(piece);
+            }
+            self.piece_pool.push(pieces);
+            return Err(request);
+        }
+        let op = self.next_op;
+        self.next_op += 1;
+        let first_seq = self.open_block_seq(BlockKind::Notes);
+        let mut note = Note {
+            op,
+            kind,
+            request: None,
+            pieces,
+            data_pending: 0,
+            first_seq,
+            last_seq: first_seq,
+            failed: false,
+        };
+        let piece_count = note.pieces.len().max(1) as u16;
+        if kind == NoteKind::Write {
+            let mut position = 0usize;
+            for index in 0..note.pieces.len() {
+                let piece = note.pieces[index];
+                let length = piece.length as usize;
+                let data_crc = if zero_data {
+                    let mut crc = 0;
+                    let mut left = length;
+                    while left > 0 {
+                        let chunk = left.min(ZERO_BUFFER_BYTES);
+                        crc = crc32c::crc32c_append(crc, &self.zeros.as_slice()[..chunk]);
+                        left -= chunk;
+                    }
+                    crc
+                } else {
+                    crc32c::crc32c(&request.buf.as_slice()[position..position + length])
+                };
+                let record = NoteRecord {
+                    op,
+                    epoch: self.epoch,
+                    offset: request.offset + position as u64,
+                    length: piece.length,
+                    location: piece.address,
+                    data_crc,
+                    kind,
+                    piece_index: index as u16,
+                    piece_count,
+                };
+                note.last_seq = self.append_note(&record, device);
+                // Zeros come from the shared zero buffer, in chunks of its size.
+                let mut written = 0usize;
+                while written < length {
+                    let chunk = if zero_data {
+                        (length - written).min(ZERO_BUFFER_BYTES)
+                    } else {
+                        length
+                    };
+                    let data = if zero_data {
+                        self.zeros.as_slice().as_ptr()
+                    } else {
+                        request.buf.as_slice()[position..].as_ptr()
+                    };
+                    let address = self.superblock.data_offset + piece.address + written as u64;
+                    self.issue(
+                        DeviceOp::NoteData { op },
+                        Submission::Write {
+                            address,
+                            data,
+                            length: chunk,
+                        },
+                        device,
+                    );
+                    note.data_pending += 1;
+                    written += chunk;
+                }
+                self.stats.data_bytes_written += piece.length;
+                position += length;
+            }
+        } else {
+            let record = NoteRecord {
+                op,
+                epoch: self.epoch,
+                offset: request.offset,
+                length: u64::from(request.length),
+                location: LOCATION_ZERO,
+                data_crc: 0,
+                kind,
+                piece_index: 0,
+                piece_count: 1,
+            };
+            note.last_seq = self.append_note(&record, device);
+        }
+        // The request buffer moves into the note; the data writes above point into its heap memory,
+        // which does not move with it.
+        note.request = Some(request);
+        self.notes.push_back(note);
+        Ok(())
+    }
+
+    fn start_read(
+        &mut self,
+        mut request: IoRequest,
+        device: &mut dyn Device,
+        done: &mut VecDeque<IoCompletion>,
+    ) -> Result<(), IoRequest> {
+        if self.free_tags.is_empty() {
+            return Err(request);
+        }
+        let mut mappings = Vec::new();
+        self.map
+            .lookup(request.offset, u64::from(request.length), &mut mappings);
+        // Holes and zero extents are filled now; data pieces are read by the device.
+        let base = request.offset;
+        for mapping in &mappings {
+            let (offset, length) = match *mapping {
+                Mapping::Hole { offset, length } => (offset, length),
+                Mapping::Mapped(Extent {
+                    offset,
+                    length,
+                    location: Location::Zero,
+                    ..
+                }) => (offset, length),
+                Mapping::Mapped(_) => continue,
+            };
+            let start = (offset - base) as usize;
+            request.buf.as_mut_slice()[start..start + length as usize].fill(0);
+        }
+        mappings.retain(|mapping| {
+            matches!(
+                mapping,
+                Mapping::Mapped(Extent {
+                    location: Location::Data(_),
+                    ..
+                })
+            )
+        });
+        if mappings.is_empty() {
+            let length = request.length;
+            done.push_back(IoCompletion {
+                origin: request.origin,
+                result: Ok(length),
+                buf: request.buf,
+            });
+            return Ok(());
+        }
+        let job = ReadJob {
+            request,
+            mappings,
+            next: 0,
+            pending: 0,
+            started_at: self.free_counter,
+            error: None,
+        };
+        let id = match self.free_reads.pop() {
+            Some(id) => {
+                self.reads[id as usize] = Some(job);
+                id
+            }
+            None => {
+                self.reads.push(Some(job));
+                (self.reads.len() - 1) as u32
+            }
+        };
+        self.continue_read(id, device, done);
+        Ok(())
+    }
+
+    /// Submits more of a read's pieces, or completes it when all are done.
+    fn continue_read(
+        &mut self,
+        id: u32,
+        device: &mut dyn Device,
+        done: &mut VecDeque<IoCompletion>,
+    ) {
+        loop {
+            let job = self.reads[id as usize].as_mut().expect("live read job");
+            if job.next == job.mappings.len() || job.error.is_some() {
+                if job.pending == 0 {
+                    let job = self.reads[id as usize].take().expect("live read job");
+                    self.free_reads.push(id);
+                    let result = match job.error {
+                        Some(error) => Err(error),
+                        None => Ok(job.request.length),
+                    };
+                    done.push_back(IoCompletion {
+                        origin: job.request.origin,
+                        result,
+                        buf: job.request.buf,
+                    });
+                }
+                return;
+            }
+            if self.free_tags.is_empty() {
+                return; // resumed when a device op completes
+            }
+            let Mapping::Mapped(Extent {
+                offset,
+                length,
+                location: Location::Data(address),
+                ..
+            }) = job.mappings[job.next]
+            else {
+                unreachable!("only data mappings are kept");
+            };
+            job.next += 1;
+            job.pending += 1;
+            let start = (offset - job.request.offset) as usize;
+            let data = job.request.buf.as_mut_slice()[start..start + length as usize].as_mut_ptr();
+            let address = self.superblock.data_offset + address;
+            self.issue(
+                DeviceOp::ReadPiece { read: id },
+                Submission::Read {
+                    address,
+                    data,
+                    length: length as usize,
+                },
+                device,
+            );
+        }
+    }
+
+    fn block_status(&mut self, request: &mut IoRequest) -> u32 {
+        let one = request.flags.contains(IoFlags::ONE_EXTENT);
+        request.buf.set_len(
+            if one { 1 } else { EXTENTS_PER_REPLY_MAX } * crate::volume::EXTENT_RECORD_LEN,
+        );
+        let mut mappings = Vec::new();
+        self.map
+            .lookup(request.offset, u64::from(request.length), &mut mappings);
+        let mut count = 0u32;
+        for mapping in mappings {
+            let (length, flags) = match mapping {
+                Mapping::Hole { length, .. } => (length, EXTENT_HOLE | EXTENT_ZERO),
+                Mapping::Mapped(Extent {
+                    length,
+                    location: Location::Zero,
+                    ..
+                }) => (length, EXTENT_HOLE | EXTENT_ZERO),
+                Mapping::Mapped(Extent { length, .. }) => (length, 0),
+            };
+            if !push_extent(&mut request.buf, &mut count, length, flags) {
+                break;
+            }
+        }
+        count
+    }
+
+    /// Whether `blocks` more note blocks fit while keeping room for a full checkpoint of the current map.
+    fn journal_has_room(&self, blocks: u64) -> bool {
+        let ring = self.superblock.journal_blocks();
+        let checkpoint_blocks =
+            (self.map.extent_count() as u64).div_ceil(EXTENTS_PER_BLOCK as u64) + 2;
+        let used = self.next_seq + 1 - self.live_from_seq;
+        let in_flight = self.next_seq - self.durable_before;
+        used + blocks + checkpoint_blocks + JOURNAL_SPARE_BLOCKS <= ring
+            && in_flight + blocks <= JOURNAL_BLOCKS_IN_FLIGHT_MAX
+    }
+
+    /// The seq the open block will get, opening one of `kind` (sealing another kind first).
+    fn open_block_seq(&mut self, kind: BlockKind) -> u64 {
+        if self.open.as_ref().is_some_and(|open| open.kind != kind) {
+            unreachable!("blocks of one kind are sealed before another kind opens");
+        }
+        if self.open.is_none() {
+            let mut buf = self
+                .block_pool
+                .pop()
+                .unwrap_or_else(|| AlignedBuf::with_capacity(JOURNAL_BLOCK_BYTES));
+            buf.set_len(JOURNAL_BLOCK_BYTES);
+            buf.as_mut_slice().fill(0);
+            self.open = Some(OpenBlock {
+                buf,
+                kind,
+                count: 0,
+                checkpoint_id: 0,
+            });
+        }
+        self.next_seq
+    }
+
+    fn append_note(&mut self, record: &NoteRecord, device: &mut dyn Device) -> u64 {
+        let seq = self.open_block_seq(BlockKind::Notes);
+        let open = self.open.as_mut().expect("just opened");
+        format::put_note(open.buf.as_mut_slice(), open.count, record);
+        open.count += 1;
+        if open.count == NOTES_PER_BLOCK {
+            self.seal(device);
+        }
+        seq
+    }
+
+    /// Seals the open block (header, checksum) and writes it.
+    fn seal(&mut self, device: &mut dyn Device) {
+        let Some(mut open) = self.open.take() else {
+            return;
+        };
+        let seq = self.next_seq;
+        assert!(
+            seq - self.live_from_seq < self.superblock.journal_blocks(),
+            "journal block {seq} would overwrite a block recovery still needs (live from {})",
+            self.live_from_seq
+        );
+        self.next_seq += 1;
+        let last_op = self.next_op - 1;
+        let header = BlockHeader {
+            volume_id: self.superblock.volume_id,
+            seq,
+            durable_before: self.durable_before,
+            // A single copy commits its notes as soon as they are durable.
+            commit_through: last_op,
+            incarnation: self.incarnation,
+            kind: open.kind,
+            count: open.count as u16,
+            checkpoint_id: open.checkpoint_id,
+        };
+        format::seal_block(open.buf.as_mut_slice(), &header);
+        let slot = seq % self.superblock.journal_blocks();
+        let address = self.superblock.journal_offset + slot * JOURNAL_BLOCK_BYTES as u64;
+        let data = open.buf.as_slice().as_ptr();
+        self.sealed.push_back(SealedBlock {
+            seq,
+            buf: open.buf,
+            written: false,
+        });
+        self.stats.journal_blocks_written += 1;
+        self.stats.journal_bytes_written += JOURNAL_BLOCK_BYTES as u64;
+        self.issue(
+            DeviceOp::JournalBlock { seq },
+            Submission::Write {
+                address,
+                data,
+                length: JOURNAL_BLOCK_BYTES,
+            },
+            device,
+        );
+    }
+
+    fn issue(&mut self, op: DeviceOp, submission: Submission, device: &mut dyn Device) {
+        let tag = self
+            .free_tags
+            .pop()
+            .expect("callers check for a free device slot");
+        self.ops[tag as usize] = Some((op, submission));
+        if !self.unsubmitted.is_empty() || !self.push(tag, device) {
+            self.unsubmitted.push_back(tag);
+        }
+    }
+
+    fn push(&mut self, tag: u32, device: &mut dyn Device) -> bool {
+        let (_, submission) = self.ops[tag as usize].expect("issued op");
+        let dsync = self.durability == Durability::Dsync;
+        match submission {
+            Submission::Write {
+                address,
+                data,
+                length,
+            } => {
+                // SAFETY: write sources are note request buffers, the zero buffer and sealed journal
+                // blocks, all owned by `self` (in `notes`, `zeros`, `sealed`) until this tag completes;
+                // their heap memory does not move.
+                unsafe { device.write(tag, address, data, length, dsync) }
+            }
+            Submission::Read {
+                address,
+                data,
+                length,
+            } => {
+                // SAFETY: read targets are slices of a read job's request buffer, kept in `reads` until
+                // every piece has completed.
+                unsafe { device.read(tag, address, data, length) }
+            }
+            Submission::Sync => device.sync(tag),
+        }
+    }
+
+    /// Called once per reactor iteration: write this iteration's batch, move checkpoints along, retry
+    /// what was parked.
+    pub fn end_iteration(&mut self, device: &mut dyn Device, done: &mut VecDeque<IoCompletion>) {
+        while let Some(&tag) = self.unsubmitted.front() {
+            if !self.push(tag, device) {
+                break;
+            }
+            self.unsubmitted.pop_front();
+        }
+        self.seal(device);
+        self.checkpoint_step(device);
+        self.advance(device, done);
+        self.retry_waiting(device, done);
+    }
+
+    fn retry_waiting(&mut self, device: &mut dyn Device, done: &mut VecDeque<IoCompletion>) {
+        while let Some(request) = self.waiting.pop_front() {
+            if let Err(request) = self.start(request, device, done) {
+                self.waiting.push_front(request);
+                break;
+            }
+        }
+        // Writes that could not start did not open a block; anything they appended is sealed next time.
+    }
+
+    /// A device operation finished.
+    pub fn complete(
+        &mut self,
+        tag: u32,
+        result: i32,
+        device: &mut dyn Device,
+        done: &mut VecDeque<IoCompletion>,
+    ) {
+        let Some((op, submission)) = self.ops.get_mut(tag as usize).and_then(Option::take) else {
+            debug_assert!(false, "completion for unknown device tag {tag}");
+            return;
+        };
+        self.free_tags.push(tag);
+        let expected = match submission {
+            Submission::Write { length, .. } | Submission::Read { length, .. } => length as i32,
+            Submission::Sync => 0,
+        };
+        let error = (result != expected).then(|| {
+            if result < 0 {
+                VolumeError::from_errno(result)
+            } else {
+                VolumeError::Io(libc::EIO)
+            }
+        });
+        match op {
+            DeviceOp::NoteData { op } => {
+                let front = self.notes.front().map_or(op, |note| note.op);
+                let note = &mut self.notes[(op - front) as usize];
+                note.data_pending -= 1;
+                if let Some(error) = error {
+                    note.failed = true;
+                    self.fail(error);
+                }
+            }
+            DeviceOp::JournalBlock { seq } => {
+                let front = self.sealed.front().map_or(seq, |block| block.seq);
+                self.sealed[(seq - front) as usize].written = true;
+                if let Some(error) = error {
+                    self.fail(error);
+                }
+            }
+            DeviceOp::Sync { covers_before } => {
+                self.sync_in_flight = false;
+                match error {
+                    Some(error) => self.fail(error),
+                    None => self.durable_before = self.durable_before.max(covers_before),
+                }
+            }
+            DeviceOp::ReadPiece { read } => {
+                let job = self.reads[read as usize].as_mut().expect("live read job");
+                job.pending -= 1;
+                if let Some(error) = error {
+                    job.error.get_or_insert(error);
+                }
+                self.continue_read(read, device, done);
+            }
+        }
+        self.advance(device, done);
+    }
+
+    /// A write or sync failed: nothing more can be made durable safely. Reads of committed data go on;
+    /// writes fail until the volume is reopened (and recovered).
+    fn fail(&mut self, error: VolumeError) {
+        if self.failed.is_none() {
+            tracing::error!(%error, committed_op = self.committed_op, "volume copy failed: refusing writes");
+            self.failed = Some(error);
+        }
+    }
+
+    /// Moves durability forward, commits durable notes in op order and acknowledges them.
+    fn advance(&mut self, device: &mut dyn Device, done: &mut VecDeque<IoCompletion>) {
+        // Everything before the first block that is unwritten, or that holds a note whose data is
+        // still in flight, is ready to be made durable.
+        let mut ready_before = self
+            .sealed
+            .iter()
+            .find(|block| !block.written)
+            .map_or(self.next_seq, |block| block.seq);
+        if let Some(note) = self.notes.iter().find(|note| note.data_pending > 0) {
+            ready_before = ready_before.min(note.first_seq);
+        }
+        if self.failed.is_none() {
+            match self.durability {
+                Durability::Dsync => self.durable_before = self.durable_before.max(ready_before),
+                Durability::Fdatasync => {
+                    if !self.sync_in_flight
+                        && ready_before > self.durable_before
+                        && !self.free_tags.is_empty()
+                    {
+                        self.sync_in_flight = true;
+                        self.stats.syncs += 1;
+                        self.issue(
+                            DeviceOp::Sync {
+                                covers_before: ready_before,
+                            },
+                            Submission::Sync,
+                            device,
+                        );
+                    }
+                }
+            }
+        }
+        while let Some(block) = self.sealed.front() {
+            if block.seq >= self.durable_before || !block.written {
+                break;
+            }
+            let block = self.sealed.pop_front().expect("front exists");
+            self.block_pool.push(block.buf);
+        }
+        // Commit, strictly in op order.
+        while let Some(note) = self.notes.front() {
+            let durable =
+                note.last_seq < self.durable_before && note.data_pending == 0 && !note.failed;
+            if let Some(error) = self.failed {
+                if note.data_pending > 0 {
+                    break;
+                }
+                let mut note = self.notes.pop_front().expect("front exists");
+                for piece in note.pieces.drain(..) {
+                    self.allocator.free(piece);
+                }
+                self.piece_pool.push(note.pieces);
+                let request = note
+                    .request
+                    .take()
+                    .expect("uncompleted note has its request");
+                done.push_back(IoCompletion {
+                    origin: request.origin,
+                    result: Err(error),
+                    buf: request.buf,
+                });
+                continue;
+            }
+            if !durable {
+                break;
+            }
+            let mut note = self.notes.pop_front().expect("front exists");
+            debug_assert_eq!(
+                note.op,
+                self.committed_op + 1,
+                "commits go strictly in op order"
+            );
+            let request = note
+                .request
+                .take()
+                .expect("uncompleted note has its request");
+            match note.kind {
+                NoteKind::Write => {
+                    let mut position = request.offset;
+                    for piece in &note.pieces {
+                        let extent = Extent {
+                            offset: position,
+                            length: piece.length,
+                            op: note.op,
+                            location: Location::Data(piece.address),
+                        };
+                        self.map.insert(extent, &mut self.freed);
+                        position += piece.length;
+                    }
+                }
+                NoteKind::Zero => {
+                    let extent = Extent {
+                        offset: request.offset,
+                        length: u64::from(request.length),
+                        op: note.op,
+                        location: Location::Zero,
+                    };
+                    self.map.insert(extent, &mut self.freed);
+                }
+            }
+            self.committed_op = note.op;
+            if !self.freed.is_empty() {
+                self.free_counter += 1;
+                for piece in self.freed.drain(..) {
+                    self.limbo.push_back((self.free_counter, piece));
+                }
+            }
+            note.pieces.clear();
+            self.piece_pool.push(note.pieces);
+            let length = request.length;
+            done.push_back(IoCompletion {
+                origin: request.origin,
+                result: Ok(length),
+                buf: request.buf,
+            });
+        }
+        self.release_limbo();
+    }
+
+    /// Frees overwritten space once every read that might still read it has finished.
+    fn release_limbo(&mut self) {
+        let oldest_read = self
+            .reads
+            .iter()
+            .flatten()
+            .map(|job| job.started_at)
+            .min()
+            .unwrap_or(u64::MAX);
+        while let Some(&(freed_at, piece)) = self.limbo.front() {
+            if freed_at > oldest_read {
+                break;
+            }
+            self.limbo.pop_front();
+            self.allocator.free(piece);
+        }
+    }
+
+    /// Starts a checkpoint when the journal is half full, and moves a running one along.
+    fn checkpoint_step(&mut self, device: &mut dyn Device) {
+        if self.failed.is_some() {
+            return;
+        }
+        let ring = self.superblock.journal_blocks();
+        if self.checkpoint.is_none() && self.next_seq - self.live_from_seq > ring / 2 {
+            self.checkpoint_id += 1;
+            let replay_from_seq = self
+                .notes
+                .front()
+                .map_or(self.next_seq, |note| note.first_seq);
+            self.checkpoint = Some(CheckpointJob {
+                id: self.checkpoint_id,
+                op: self.committed_op,
+                snapshot: self.map.snapshot(),
+                first_seq: self.next_seq,
+                replay_from_seq,
+                count: 0,
+                crc: 0,
+                records: Vec::new(),
+                records_written: 0,
+                phase: CheckpointPhase::Writing { cursor: 0 },
+            });
+        }
+        let Some(mut job) = self.checkpoint.take() else {
+            return;
+        };
+        match job.phase {
+            CheckpointPhase::Writing { mut cursor } => {
+                let ring = self.superblock.journal_blocks();
+                let mut mappings = Vec::new();
+                for _ in 0..CHECKPOINT_BLOCKS_PER_ITERATION {
+                    if job.records_written == job.records.len() {
+                        job.records.clear();
+                        job.records_written = 0;
+                        if cursor >= self.superblock.volume_size {
+                            break;
+                        }
+                        let step = CHECKPOINT_SCAN_BYTES.min(self.superblock.volume_size - cursor);
+                        mappings.clear();
+                        job.snapshot.lookup(cursor, step, &mut mappings);
+                        cursor += step;
+                        job.records
+                            .extend(mappings.iter().filter_map(|mapping| match mapping {
+                                Mapping::Mapped(extent) => Some(ExtentRecord {
+                                    offset: extent.offset,
+                                    length: extent.length,
+                                    op: extent.op,
+                                    location: match extent.location {
+                                        Location::Data(address) => address,
+                                        Location::Zero => LOCATION_ZERO,
+                                    },
+                                }),
+                                Mapping::Hole { .. } => None,
+                            }));
+                        continue;
+                    }
+                    // Room for this block (and the notes block sealed before it) in flight and in the ring.
+                    let in_flight = self.next_seq - self.durable_before;
+                    if self.free_tags.len() < 4
+                        || in_flight + 2 > JOURNAL_BLOCKS_IN_FLIGHT_MAX
+                        || self.next_seq + 2 - self.live_from_seq > ring
+                    {
+                        break;
+                    }
+                    self.seal(device); // notes of this iteration go first
+                    self.open_block_seq(BlockKind::CheckpointExtents);
+                    let chunk_end =
+                        (job.records_written + EXTENTS_PER_BLOCK).min(job.records.len());
+                    let chunk = &job.records[job.records_written..chunk_end];
+                    let open = self.open.as_mut().expect("just opened");
+                    open.checkpoint_id = job.id;
+                    for (index, record) in chunk.iter().enumerate() {
+                        format::put_extent(open.buf.as_mut_slice(), index, record);
+                    }
+                    open.count = chunk.len();
+                    job.crc = crc32c::crc32c_append(
+                        job.crc,
+                        format::extent_bytes(open.buf.as_slice(), chunk.len()),
+                    );
+                    job.count += chunk.len() as u64;
+                    job.records_written = chunk_end;
+                    self.seal(device);
+                }
+                job.phase = if cursor >= self.superblock.volume_size
+                    && job.records_written == job.records.len()
+                {
+                    CheckpointPhase::AwaitDurable {
+                        end_seq: self.next_seq,
+                    }
+                } else {
+                    CheckpointPhase::Writing { cursor }
+                };
+            }
+            CheckpointPhase::AwaitDurable { end_seq } => {
+                if self.durable_before >= end_seq && !self.free_tags.is_empty() {
+                    self.seal(device);
+                    self.open_block_seq(BlockKind::CheckpointDone);
+                    let open = self.open.as_mut().expect("just opened");
+                    let done = CheckpointDone {
+                        checkpoint_id: job.id,
+                        op: job.op,
+                        first_seq: job.first_seq,
+                        end_seq,
+                        extent_count: job.count,
+                        extents_crc: job.crc,
+                        replay_from_seq: job.replay_from_seq,
+                    };
+                    format::put_checkpoint_done(open.buf.as_mut_slice(), &done);
+                    open.count = 1;
+                    let done_seq = self.next_seq;
+                    self.seal(device);
+                    job.phase = CheckpointPhase::AwaitDone { done_seq };
+                }
+            }
+            CheckpointPhase::AwaitDone { done_seq } => {
+                if self.durable_before > done_seq {
+                    self.live_from_seq = job.replay_from_seq;
+                    self.stats.checkpoints += 1;
+                    tracing::debug!(
+                        checkpoint = job.id,
+                        op = job.op,
+                        extents = job.count,
+                        "checkpoint durable"
+                    );
+                    return; // job finished
+                }
+            }
+        }
+        self.checkpoint = Some(job);
+    }
+}
