@@ -424,13 +424,5 @@ def markdown_table(header, rows, align=None):
     return "\n".join(lines)
 
 
-def fmt(value, digits=1, suffix=""):
-    if value is None:
-        return "n/a"
-    if isinstance(value, float) and abs(value) >= 1000 and digits <= 1:
-        return f"{value:,.0f}{suffix}"
-    return f"{value:.{digits}f}{suffix}"
-
-
 def make_log_dir(prefix):
     return tempfile.mkdtemp(prefix=prefix)

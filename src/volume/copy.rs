@@ -1072,7 +1072,7 @@ impl VolumeCopy {
                 if self.durable_before > done_seq {
                     self.live_from_seq = job.replay_from_seq;
                     self.stats.checkpoints += 1;
-                    tracing::debug!(
+                    tracing::info!(
                         checkpoint = job.id,
                         op = job.op,
                         extents = job.count,

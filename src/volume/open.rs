@@ -152,10 +152,16 @@ pub fn open_copy(
                     "an extent points outside the data area",
                 )));
             }
-            allocator.mark_used(Piece {
+            let piece = Piece {
                 address,
                 length: extent.length,
-            });
+            };
+            if !allocator.is_free(piece) {
+                return Err(error(Problem::Inconsistent(
+                    "two extents share the same data space",
+                )));
+            }
+            allocator.mark_used(piece);
         }
     }
     tracing::info!(

@@ -1,0 +1,375 @@
+//! The persistent volume copy (`--backend file`, the default) as a real process: data survives restarts
+//! and SIGKILL at random moments under a real NBD client with many requests in flight; every damaged or
+//! foreign store is refused with an error naming the file and the problem; resize grows only.
+
+mod common;
+
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{
+    DEADLINE, MIB, Rng, Server, TempDir, describe, require_python_libnbd, require_tool, run_bounded,
+};
+
+const CLIENT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/crash_client.py");
+
+fn serve(data_dir: &Path, extra: &[&str]) -> Server {
+    let mut args = vec!["--data-dir", data_dir.to_str().expect("utf-8 path")];
+    args.extend_from_slice(extra);
+    Server::start(&args)
+}
+
+fn try_serve(data_dir: &Path, extra: &[&str]) -> Result<Server, common::StartFailure> {
+    let mut args = vec!["--data-dir", data_dir.to_str().expect("utf-8 path")];
+    args.extend_from_slice(extra);
+    Server::try_start(&args)
+}
+
+fn acknowledged(log: &Path) -> usize {
+    std::fs::read_to_string(log)
+        .map(|text| text.lines().filter(|line| line.starts_with("A ")).count())
+        .unwrap_or(0)
+}
+
+fn start_writer(uri: &str, log: &Path, seed: u64) -> Child {
+    Command::new("/usr/bin/python3")
+        .args([
+            CLIENT,
+            "write",
+            uri,
+            log.to_str().unwrap(),
+            &seed.to_string(),
+        ])
+        .stdin(Stdio::null())
+        .spawn()
+        .expect("start crash writer")
+}
+
+fn verify(uri: &str, log: &Path) {
+    let out = run_bounded(
+        Command::new("/usr/bin/python3").args([CLIENT, "verify", uri, log.to_str().unwrap()]),
+        DEADLINE,
+    );
+    assert!(
+        out.status.success(),
+        "verification after restart failed: {}",
+        describe(&out)
+    );
+}
+
+/// Many writes, trims and zeroes (some FUA) in flight from libnbd; the server is SIGKILLed at a random
+/// moment, restarted, and every sector must hold its last acknowledged content or that of a request
+/// still in flight at the kill. Several cycles on the same store, so recovery also replays what earlier
+/// recoveries left.
+#[test]
+fn sigkill_under_load_loses_no_acknowledged_write() {
+    require_python_libnbd();
+    let dir = TempDir::new("crash");
+    let log = dir.join("requests.log");
+    let mut rng = Rng::new(0x5eed);
+    for cycle in 0..5u64 {
+        let size: &[&str] = if cycle == 0 { &["--size", "64M"] } else { &[] };
+        let mut server = serve(dir.path(), size);
+        if cycle > 0 {
+            verify(&server.uri, &log);
+        }
+        let before = acknowledged(&log);
+        let target = before + 50 + rng.below(400) as usize;
+        let mut writer = start_writer(&server.uri, &log, 1000 + cycle);
+        let deadline = Instant::now() + DEADLINE;
+        while acknowledged(&log) < target {
+            assert!(
+                Instant::now() < deadline,
+                "writer made no progress; server stderr:\n{}",
+                server.stderr()
+            );
+            assert!(
+                writer.try_wait().expect("poll writer").is_none(),
+                "writer exited early"
+            );
+            std::thread::yield_now();
+        }
+        server.signal(libc::SIGKILL);
+        server.wait_exit(DEADLINE);
+        let status =
+            common::wait_child(&mut writer, DEADLINE).expect("writer ends when the server dies");
+        assert!(status.success(), "writer failed: {status:?}");
+    }
+    let server = serve(dir.path(), &[]);
+    verify(&server.uri, &log);
+}
+
+#[test]
+fn default_store_survives_a_restart_and_keeps_its_size() {
+    require_tool("qemu-io");
+    let dir = TempDir::new("restart");
+    let mut server = serve(dir.path(), &["--size", "32M"]);
+    let out = run_bounded(
+        Command::new("qemu-io").args([
+            "-f",
+            "raw",
+            "-c",
+            "write -P 0x3c 1M 3M",
+            "-c",
+            "write -z -u 2M 512k",
+            &server.uri,
+        ]),
+        DEADLINE,
+    );
+    assert!(out.status.success(), "{}", describe(&out));
+    server.signal(libc::SIGTERM);
+    assert!(server.wait_exit(DEADLINE).success());
+    assert!(
+        dir.join("vol0.fbv").is_file(),
+        "the store is DATA_DIR/<volume>.fbv"
+    );
+
+    // Reopened without --size: the recorded size; the same data.
+    let server = serve(dir.path(), &[]);
+    let client = server.client();
+    assert_eq!(client.info.size, 32 * MIB);
+    client.disconnect();
+    let out = run_bounded(
+        Command::new("qemu-io").args([
+            "-f",
+            "raw",
+            "-c",
+            "read -P 0x3c 1M 1M",
+            "-c",
+            "read -P 0 2M 512k",
+            "-c",
+            "read -P 0x3c 2560k 1536k",
+            "-c",
+            "read -P 0 0 1M",
+            &server.uri,
+        ]),
+        DEADLINE,
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && !text.contains("failed"),
+        "{}",
+        describe(&out)
+    );
+}
+
+#[test]
+fn resize_grows_only_when_asked() {
+    let dir = TempDir::new("resize");
+    let mut server = serve(dir.path(), &["--size", "16M"]);
+    let mut client = server.client();
+    let data = Rng::new(3).bytes(65536);
+    assert_eq!(client.write(15 * MIB, &data, 0), 0);
+    client.disconnect();
+    server.signal(libc::SIGTERM);
+    server.wait_exit(DEADLINE);
+
+    for (args, needle) in [
+        (&["--size", "32M"][..], "add --resize"),
+        (&["--size", "8M", "--resize"][..], "differs"),
+    ] {
+        let failure = match try_serve(dir.path(), args) {
+            Ok(_) => panic!("{args:?} must be refused"),
+            Err(failure) => failure,
+        };
+        assert_eq!(
+            failure.status.and_then(|status| status.code()),
+            Some(1),
+            "{failure:?}"
+        );
+        assert!(
+            failure.stderr.contains("vol0.fbv") && failure.stderr.contains(needle),
+            "{}",
+            failure.stderr
+        );
+    }
+
+    let server = serve(dir.path(), &["--size", "32M", "--resize"]);
+    let mut client = server.client();
+    assert_eq!(client.info.size, 32 * MIB);
+    assert_eq!(client.read(15 * MIB, 65536).expect("read"), data);
+    let more = Rng::new(4).bytes(65536);
+    assert_eq!(client.write(31 * MIB, &more, 0), 0);
+    assert_eq!(client.read(31 * MIB, 65536).expect("read"), more);
+}
+
+/// Writes some data, stops cleanly, damages the store with `damage`, and expects start-up to fail with
+/// exit code 1 and a message naming the file and containing `needle`.
+fn refused_after(damage: impl FnOnce(&Path), needle: &str) {
+    require_tool("qemu-io");
+    let dir = TempDir::new("damage");
+    let mut server = serve(dir.path(), &["--size", "16M"]);
+    for round in 0..4 {
+        let command = format!("write -P {} {}M 1M", 0x10 + round, round * 2);
+        let out = run_bounded(
+            Command::new("qemu-io").args(["-f", "raw", "-c", &command, &server.uri]),
+            DEADLINE,
+        );
+        assert!(out.status.success(), "{}", describe(&out));
+    }
+    server.signal(libc::SIGTERM);
+    assert!(server.wait_exit(DEADLINE).success());
+    let store = dir.join("vol0.fbv");
+    let before = std::fs::read(&store).expect("read store");
+    damage(&store);
+    let damaged = std::fs::read(&store).expect("read store");
+    let failure = match try_serve(dir.path(), &[]) {
+        Ok(_) => panic!("a damaged store must be refused ({needle})"),
+        Err(failure) => failure,
+    };
+    assert_eq!(
+        failure.status.and_then(|status| status.code()),
+        Some(1),
+        "{failure:?}"
+    );
+    assert!(
+        failure.stderr.contains("vol0.fbv") && failure.stderr.contains(needle),
+        "expected {needle:?} in:\n{}",
+        failure.stderr
+    );
+    // Refusing never "repairs": the store is left exactly as it was found.
+    assert!(std::fs::read(&store).expect("read store") == damaged);
+    drop(before);
+}
+
+fn flip_byte(path: &Path, offset: u64) {
+    use std::os::unix::fs::FileExt;
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+        .expect("open store");
+    let mut byte = [0u8; 1];
+    file.read_exact_at(&mut byte, offset).expect("read byte");
+    byte[0] ^= 0x40;
+    file.write_all_at(&byte, offset).expect("write byte");
+}
+
+#[test]
+fn corrupted_superblock_is_refused() {
+    refused_after(|store| flip_byte(store, 30), "superblock checksum mismatch");
+}
+
+#[test]
+fn foreign_file_is_refused() {
+    refused_after(|store| flip_byte(store, 0), "not a ferroblock volume");
+}
+
+#[test]
+fn truncated_store_is_refused() {
+    refused_after(
+        |store| {
+            let file = std::fs::OpenOptions::new()
+                .write(true)
+                .open(store)
+                .expect("open store");
+            file.set_len(8 * MIB).expect("truncate");
+        },
+        "truncated",
+    );
+}
+
+#[test]
+fn damaged_durable_journal_block_is_refused() {
+    // Block seq 0 sits at 4 KiB; later blocks were written after it was durable and vouch for it.
+    refused_after(|store| flip_byte(store, 4096 + 200), "damaged");
+}
+
+#[test]
+fn another_volumes_store_is_refused() {
+    let dir = TempDir::new("foreign");
+    let mut server = serve(dir.path(), &["--size", "8M"]);
+    server.signal(libc::SIGTERM);
+    server.wait_exit(DEADLINE);
+    std::fs::copy(dir.join("vol0.fbv"), dir.join("vol1.fbv")).expect("copy store");
+    let failure = match try_serve(dir.path(), &["--volume", "vol1"]) {
+        Ok(_) => panic!("vol0's store must not be served as vol1"),
+        Err(failure) => failure,
+    };
+    assert!(
+        failure.stderr.contains("vol1.fbv") && failure.stderr.contains("holds volume \"vol0\""),
+        "{}",
+        failure.stderr
+    );
+}
+
+/// Overwrite-heavy load: the store never grows past its fixed layout (redirect-on-write space is
+/// reused, journal space is reclaimed by checkpoints), and nothing fails for lack of space.
+#[test]
+fn overwriting_many_times_stays_within_the_store() {
+    require_tool("fio");
+    require_tool("qemu-io");
+    let dir = TempDir::new("overwrite");
+    let server = serve(dir.path(), &["--size", "32M"]);
+    let store = dir.join("vol0.fbv");
+    let size_before = std::fs::metadata(&store).expect("store").len();
+    // 20 full overwrites of the volume in 4 KiB random writes (enough notes to wrap the journal), each
+    // loop verified.
+    let out = run_bounded(
+        Command::new("fio").current_dir(dir.path()).args([
+            "--name=overwrite",
+            "--ioengine=nbd",
+            &format!("--uri={}", server.uri),
+            "--rw=randwrite",
+            "--bs=4k",
+            "--iodepth=16",
+            "--size=32M",
+            "--loops=20",
+            "--verify=crc32c",
+            "--verify_state_save=0",
+            "--output-format=json",
+        ]),
+        Duration::from_secs(300),
+    );
+    assert!(out.status.success(), "fio: {}", describe(&out));
+    let text = String::from_utf8_lossy(&out.stdout);
+    let json: serde_json::Value =
+        serde_json::from_str(&text[text.find('{').expect("fio json")..]).expect("fio json");
+    assert_eq!(json["jobs"][0]["error"], 0, "{text}");
+    assert!(json["jobs"][0]["write"]["io_bytes"].as_u64().unwrap_or(0) >= 640 * MIB);
+    let metadata = std::fs::metadata(&store).expect("store");
+    assert_eq!(
+        metadata.len(),
+        size_before,
+        "the store's size is fixed by its layout"
+    );
+    use std::os::unix::fs::MetadataExt;
+    assert!(
+        metadata.blocks() * 512 <= size_before,
+        "allocated bytes exceed the layout"
+    );
+    let log = server.stderr();
+    assert!(!log.contains("volume copy failed"), "{log}");
+    // The journal wrapped: checkpoints reclaimed it while writes went on.
+    assert!(
+        log.contains("checkpoint durable"),
+        "no checkpoint was written:\n{log}"
+    );
+
+    // Recovery from a checkpoint plus the journal after it: a last full pattern, SIGKILL, restart.
+    let out = run_bounded(
+        Command::new("qemu-io").args(["-f", "raw", "-c", "write -P 0x77 0 32M", &server.uri]),
+        DEADLINE,
+    );
+    assert!(out.status.success(), "{}", describe(&out));
+    let mut server = server;
+    server.signal(libc::SIGKILL);
+    server.wait_exit(DEADLINE);
+    let server = serve(dir.path(), &[]);
+    let recovered = server.stderr();
+    assert!(
+        recovered.contains("volume recovered") && !recovered.contains("checkpoint=0 "),
+        "{recovered}"
+    );
+    let out = run_bounded(
+        Command::new("qemu-io").args(["-f", "raw", "-c", "read -P 0x77 0 32M", &server.uri]),
+        DEADLINE,
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && !text.contains("failed"),
+        "{}",
+        describe(&out)
+    );
+}
