@@ -209,6 +209,10 @@ fn install_signal_handlers(
     mailboxes: Arc<[Mailbox]>,
 ) -> Result<(), ServeError> {
     use signal_hook::consts::{SIGINT, SIGTERM};
+    // A write past a file-size limit must fail with EFBIG (reported to the host as an IO error), not
+    // kill the process.
+    // SAFETY: setting a signal's disposition to SIG_IGN before any thread depends on it.
+    unsafe { libc::signal(libc::SIGXFSZ, libc::SIG_IGN) };
     let mut signals =
         signal_hook::iterator::Signals::new([SIGTERM, SIGINT]).map_err(ServeError::Signals)?;
     thread::Builder::new()

@@ -373,3 +373,89 @@ fn overwriting_many_times_stays_within_the_store() {
         describe(&out)
     );
 }
+
+/// Device errors reach the host as NBD errors and nothing that failed is acknowledged: the server runs
+/// under a file-size limit (RLIMIT_FSIZE via prlimit) that makes data writes past the first few MiB of
+/// the data area fail with EFBIG, a real error from the kernel through io_uring.
+#[test]
+fn device_errors_reach_the_host_and_are_never_acknowledged() {
+    require_tool("prlimit");
+    let dir = TempDir::new("eio");
+    let mut server = serve(dir.path(), &["--size", "32M"]);
+    server.signal(libc::SIGTERM);
+    server.wait_exit(DEADLINE);
+    let store = dir.join("vol0.fbv");
+    let data_offset = {
+        use std::os::unix::fs::FileExt;
+        let mut sector = [0u8; 512];
+        std::fs::File::open(&store)
+            .expect("store")
+            .read_exact_at(&mut sector, 0)
+            .expect("superblock");
+        u64::from_le_bytes(sector[48..56].try_into().unwrap())
+    };
+    let limit = format!("--fsize={}", data_offset + 4 * MIB);
+    let args = [
+        "serve",
+        "--listen",
+        "127.0.0.1:0",
+        "--data-dir",
+        dir.path().to_str().unwrap(),
+    ];
+    let server =
+        Server::try_start_wrapped(&["prlimit", &limit], &args).expect("server under prlimit");
+    let mut client = server.client();
+    let mut acknowledged = Vec::new();
+    let mut first_error = None;
+    for index in 0..16u64 {
+        let data = Rng::new(index).bytes(MIB as usize);
+        match client.write(index * MIB, &data, 0) {
+            0 => acknowledged.push((index, data)),
+            errno => {
+                first_error = Some(errno);
+                break;
+            }
+        }
+    }
+    assert!(!acknowledged.is_empty(), "writes within the limit succeed");
+    assert_eq!(
+        first_error,
+        Some(5),
+        "a failed device write is EIO to the host"
+    );
+    // The copy refuses further writes (it cannot order them after a failed note) but serves reads.
+    assert_eq!(client.write(20 * MIB, &[1u8; 4096], 0), 5);
+    assert_eq!(
+        client.flush(),
+        5,
+        "a flush after a lost write must not claim durability"
+    );
+    for (index, data) in &acknowledged {
+        assert!(
+            client.read(index * MIB, MIB as u32).expect("read") == *data,
+            "acknowledged {index} reads back"
+        );
+    }
+    client.disconnect();
+    drop(server);
+
+    // Without the limit the store recovers: every acknowledged write is there, the failed one is not.
+    let server = serve(dir.path(), &[]);
+    let mut client = server.client();
+    for (index, data) in &acknowledged {
+        assert!(
+            client.read(index * MIB, MIB as u32).expect("read") == *data,
+            "acknowledged {index} after restart"
+        );
+    }
+    let failed_index = acknowledged.len() as u64;
+    assert_eq!(
+        client.read(failed_index * MIB, MIB as u32).expect("read"),
+        vec![0u8; MIB as usize]
+    );
+    assert_eq!(
+        client.write(20 * MIB, &[2u8; 4096], 0),
+        0,
+        "writable again after recovery"
+    );
+}

@@ -139,11 +139,24 @@ impl Server {
     }
 
     pub fn try_start_raw(args: &[&str]) -> Result<Server, StartFailure> {
+        Server::try_start_wrapped(&[], args)
+    }
+
+    /// Like `try_start_raw`, with the server run under `wrapper` (e.g. `["prlimit", "--fsize=N"]`).
+    pub fn try_start_wrapped(wrapper: &[&str], args: &[&str]) -> Result<Server, StartFailure> {
         let dir = TempDir::new("server");
         let stderr_path = dir.join("stderr.log");
         let stderr_file = File::create(&stderr_path).expect("create stderr log");
+        let mut command = match wrapper.split_first() {
+            Some((program, wrapper_args)) => {
+                let mut command = Command::new(program);
+                command.args(wrapper_args).arg(ferroblock_bin());
+                command
+            }
+            None => Command::new(ferroblock_bin()),
+        };
         // The server runs in its own temp dir, so that its default data dir is private to the test.
-        let mut child = Command::new(ferroblock_bin())
+        let mut child = command
             .args(args)
             .current_dir(dir.path())
             .stdin(Stdio::null())
