@@ -8,8 +8,10 @@
 //! ```text
 //!  0 magic u64 "FBJOURN1"   8 volume_id u64      16 seq u64            24 durable_before u64
 //! 32 commit_through u64    40 incarnation u32   44 kind u8, pad u8, count u16
-//! 48 checkpoint_id u64     56 reserved u32      60 crc32c u32 (of the whole block, this field zero)
+//! 48 checkpoint_id u32     52 resume_op u64     60 crc32c u32 (of the whole block, this field zero)
 //! ```
+//! `resume_op`: the commit watermark the writer's incarnation recovered to. Notes with a larger op in
+//! blocks of earlier incarnations were dropped by that recovery and are void from then on.
 //! `durable_before`: every block with a smaller seq was durable when this one was written.
 //! `commit_through`: every op up to it is committed once this block and all before it are durable.
 
@@ -42,7 +44,9 @@ pub struct BlockHeader {
     pub incarnation: u32,
     pub kind: BlockKind,
     pub count: u16,
+    /// Checkpoint blocks: which checkpoint (fits 32 bits: one per half journal ring).
     pub checkpoint_id: u64,
+    pub resume_op: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -132,8 +136,9 @@ pub fn seal_block(block: &mut [u8], header: &BlockHeader) {
     block[44] = header.kind as u8;
     block[45] = 0;
     put_u16(block, 46, header.count);
-    put_u64(block, 48, header.checkpoint_id);
-    put_u32(block, 56, 0);
+    let checkpoint_id = u32::try_from(header.checkpoint_id).expect("checkpoint ids fit 32 bits");
+    put_u32(block, 48, checkpoint_id);
+    put_u64(block, 52, header.resume_op);
     put_u32(block, 60, 0);
     let crc = crc32c::crc32c(block);
     put_u32(block, 60, crc);
@@ -177,7 +182,8 @@ pub fn open_block(block: &[u8], volume_id: u64) -> Option<BlockHeader> {
         incarnation: get_u32(block, 40),
         kind,
         count,
-        checkpoint_id: get_u64(block, 48),
+        checkpoint_id: u64::from(get_u32(block, 48)),
+        resume_op: get_u64(block, 52),
     })
 }
 
@@ -290,6 +296,7 @@ mod tests {
             kind,
             count,
             checkpoint_id: 0,
+            resume_op: 3,
         }
     }
 

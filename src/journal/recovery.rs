@@ -132,8 +132,8 @@ pub fn recover(
     let slot_of = |seq: u64| (seq % ring_blocks) as usize;
     let mut end_seq = start_seq;
     let mut chain_incarnation = 0u32;
-    let mut commit_through = 0u64;
     let mut durable_before = start_seq;
+    let mut chain: Vec<BlockHeader> = Vec::new();
     while end_seq - start_seq < ring_blocks {
         let Some(summary) = summaries[slot_of(end_seq)] else {
             break;
@@ -142,10 +142,29 @@ pub fn recover(
             break;
         }
         chain_incarnation = summary.header.incarnation;
-        commit_through = commit_through.max(summary.header.commit_through);
         durable_before = durable_before.max(summary.header.durable_before);
+        chain.push(summary.header);
         end_seq += 1;
     }
+    // Notes of an incarnation above the watermark a later incarnation resumed from were dropped by that
+    // recovery; their op numbers were reused. `void_above[i]`: the lowest such watermark after block i.
+    let mut void_above = vec![u64::MAX; chain.len()];
+    let (mut lower_bound, mut group_incarnation, mut group_resume) = (u64::MAX, u32::MAX, u64::MAX);
+    for (index, header) in chain.iter().enumerate().rev() {
+        if header.incarnation != group_incarnation {
+            lower_bound = lower_bound.min(group_resume);
+            group_incarnation = header.incarnation;
+            group_resume = u64::MAX;
+        }
+        group_resume = group_resume.min(header.resume_op);
+        void_above[index] = lower_bound;
+    }
+    let commit_through = chain
+        .iter()
+        .zip(&void_above)
+        .map(|(header, &void)| header.commit_through.min(void))
+        .max()
+        .unwrap_or(0);
     // A block past the end that vouches for the end block means the end block was durable: damage.
     for seq in end_seq + 1..end_seq + JOURNAL_BLOCKS_IN_FLIGHT_MAX.min(ring_blocks) {
         if let Some(summary) = summaries[slot_of(seq)]
@@ -256,8 +275,8 @@ pub fn recover(
                 seq,
                 reason: "malformed note record",
             })?;
-            if note.op <= base_op {
-                continue;
+            if note.op <= base_op || note.op > void_above[(seq - start_seq) as usize] {
+                continue; // in the checkpoint already, or void
             }
             if stopped {
                 notes_dropped += 1;
@@ -330,7 +349,10 @@ pub fn recover(
     }
     // A watermark the log vouches for (written in a block known durable) must be reached.
     let durable_commit = (start_seq..durable_before.min(end_seq))
-        .filter_map(|seq| summaries[slot_of(seq)].map(|summary| summary.header.commit_through))
+        .map(|seq| {
+            let index = (seq - start_seq) as usize;
+            chain[index].commit_through.min(void_above[index])
+        })
         .max()
         .unwrap_or(0);
     if committed_op < durable_commit.max(base_op) {

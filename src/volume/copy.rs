@@ -148,6 +148,9 @@ pub struct VolumeCopy {
     allocator: Allocator,
     epoch: u64,
     incarnation: u32,
+    /// The watermark this incarnation recovered to: written in every block so that the next recovery
+    /// knows that earlier incarnations' notes above it are void (their op numbers are reused).
+    resume_op: u64,
     next_op: u64,
     committed_op: u64,
     next_seq: u64,
@@ -196,6 +199,7 @@ impl VolumeCopy {
             allocator,
             epoch: 0,
             incarnation: recovered.incarnation,
+            resume_op: recovered.committed_op,
             next_op: recovered.committed_op + 1,
             committed_op: recovered.committed_op,
             next_seq: recovered.next_seq,
@@ -659,6 +663,7 @@ impl VolumeCopy {
             kind: open.kind,
             count: open.count as u16,
             checkpoint_id: open.checkpoint_id,
+            resume_op: self.resume_op,
         };
         format::seal_block(open.buf.as_mut_slice(), &header);
         let slot = seq % self.superblock.journal_blocks();
