@@ -235,7 +235,6 @@ fn main() {
     };
     let limit = Duration::from_secs_f64(options.seconds);
     let (operations, seconds) = run(&mut copy, kind, false, options.ops, limit, true);
-    drop(run);
     let after = copy.stats();
     let host_bytes = operations * u64::from(options.block);
     let device_bytes = (after.data_bytes_written - before.data_bytes_written)
