@@ -71,10 +71,11 @@ pub struct ServeArgs {
     #[arg(long, default_value = "ferroblock-data")]
     pub data_dir: PathBuf,
 
-    /// Reserve the whole backing file of a new persistent volume up front (fallocate) instead of
-    /// letting it grow where written.
+    /// Let the backing file of a new persistent volume grow where written instead of reserving it
+    /// whole (fallocate) at creation. Saves disk; costs durable-write speed and can fail with ENOSPC
+    /// later.
     #[arg(long)]
-    pub preallocate: bool,
+    pub sparse: bool,
 
     /// How a persistent volume makes notes durable: one fdatasync per batch, or RWF_DSYNC writes.
     #[arg(long, value_enum, default_value_t = Durability::Fdatasync)]
@@ -150,7 +151,7 @@ impl ServeArgs {
             backend: self.backend,
             size_bytes: self.size,
             resize: self.resize,
-            preallocate: self.preallocate,
+            preallocate: !self.sparse,
             durability: self.durability,
             volume: self.volume,
             path,

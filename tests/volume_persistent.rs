@@ -301,7 +301,17 @@ fn overwriting_many_times_stays_within_the_store() {
     require_tool("fio");
     require_tool("qemu-io");
     let dir = TempDir::new("overwrite");
-    let server = serve(dir.path(), &["--size", "32M"]);
+    // A reserved (default) store: the layout bounds what the file may ever use.
+    let data_dir = dir.path().to_str().unwrap();
+    let server = Server::start_raw(&[
+        "serve",
+        "--listen",
+        "127.0.0.1:0",
+        "--size",
+        "32M",
+        "--data-dir",
+        data_dir,
+    ]);
     let store = dir.join("vol0.fbv");
     let size_before = std::fs::metadata(&store).expect("store").len();
     // 20 full overwrites of the volume in 4 KiB random writes (enough notes to wrap the journal), each
@@ -335,8 +345,9 @@ fn overwriting_many_times_stays_within_the_store() {
         "the store's size is fixed by its layout"
     );
     use std::os::unix::fs::MetadataExt;
+    // (plus the file system's own extent-tree blocks, which st_blocks counts too)
     assert!(
-        metadata.blocks() * 512 <= size_before,
+        metadata.blocks() * 512 <= size_before + MIB,
         "allocated bytes exceed the layout"
     );
     let log = server.stderr();
@@ -458,4 +469,42 @@ fn device_errors_reach_the_host_and_are_never_acknowledged() {
         0,
         "writable again after recovery"
     );
+}
+
+/// A new store is reserved whole by default (so that durable writes never allocate file system blocks
+/// and never meet ENOSPC); `--sparse` leaves it to grow where written.
+#[test]
+fn new_stores_are_reserved_unless_sparse() {
+    use std::os::unix::fs::MetadataExt;
+    let dir = TempDir::new("reserve");
+    for (volume, sparse) in [("thick", false), ("thin", true)] {
+        let mut args = vec![
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--size",
+            "64M",
+            "--volume",
+            volume,
+        ];
+        args.extend(["--data-dir", dir.path().to_str().unwrap()]);
+        if sparse {
+            args.push("--sparse");
+        }
+        let _server = Server::start_raw(&args);
+        let metadata = std::fs::metadata(dir.join(&format!("{volume}.fbv"))).expect("store");
+        let allocated = metadata.blocks() * 512;
+        if sparse {
+            assert!(
+                allocated < MIB,
+                "{volume}: {allocated} bytes allocated for a sparse store"
+            );
+        } else {
+            assert!(
+                allocated >= metadata.len(),
+                "{volume}: only {allocated} of {} bytes reserved",
+                metadata.len()
+            );
+        }
+    }
 }

@@ -42,6 +42,8 @@ pub enum Problem {
     SizeMismatch { existing: u64, wanted: u64 },
     #[error("truncated: the store is {actual} bytes but its layout needs {needed}")]
     Truncated { actual: u64, needed: u64 },
+    #[error("cannot reserve {bytes} bytes for a new store: {source} (--sparse grows it on demand)")]
+    Reserve { bytes: u64, source: io::Error },
     #[error("recovery: {0}")]
     Recovery(#[from] RecoveryError),
     #[error("recovered extent map does not fit the data area: {0}")]
@@ -97,8 +99,10 @@ pub fn open_copy(
             }
         } else {
             file.set_len(superblock.store_bytes()).map_err(io_error)?;
-            if preallocate_store {
-                preallocate(&file, superblock.store_bytes()).map_err(io_error)?;
+            if preallocate_store && let Err(source) = preallocate(&file, superblock.store_bytes()) {
+                drop(file);
+                let _ = std::fs::remove_file(path);
+                return Err(error(Problem::Reserve { bytes: superblock.store_bytes(), source }));
             }
         }
         // A new store must not show stale journal blocks: they carry another volume id, which recovery
@@ -246,9 +250,9 @@ fn store_size(file: &File, is_device: bool) -> io::Result<u64> {
     }
 }
 
-/// Reserves every block of a new store (`--preallocate`), so that writes into it never allocate file
-/// system blocks (which can turn a durable write into a file system journal commit). Off by default: a
-/// sparse store costs disk only where written.
+/// Reserves every block of a new store (the default; `--sparse` skips it), so that writes into it never
+/// allocate file system blocks, which would turn durable writes into file system journal commits
+/// (measured: about half the durable write rate, bench/RESULTS.md) and could fail for lack of space.
 fn preallocate(file: &File, length: u64) -> io::Result<()> {
     // SAFETY: fallocate on our own descriptor has no memory effects.
     let result = unsafe { libc::fallocate(file.as_raw_fd(), 0, 0, length as libc::off_t) };

@@ -116,7 +116,8 @@ impl Server {
     /// for its `ferroblock: serving nbd://...` line on stdout. Panics (with the
     /// server's stderr) if it does not start.
     pub fn start(args: &[&str]) -> Server {
-        let mut full = vec!["serve", "--listen", "127.0.0.1:0"];
+        // Sparse stores: dozens of tests at once must not reserve a GiB of disk each.
+        let mut full = vec!["serve", "--listen", "127.0.0.1:0", "--sparse"];
         full.extend_from_slice(args);
         Server::start_raw(&full)
     }
@@ -133,7 +134,7 @@ impl Server {
 
     /// Like `start`, but returns how the server failed instead of panicking.
     pub fn try_start(args: &[&str]) -> Result<Server, StartFailure> {
-        let mut full = vec!["serve", "--listen", "127.0.0.1:0"];
+        let mut full = vec!["serve", "--listen", "127.0.0.1:0", "--sparse"];
         full.extend_from_slice(args);
         Server::try_start_raw(&full)
     }
