@@ -5,6 +5,7 @@ Only processes started here are ever signalled, always by their own PID.
 """
 
 import datetime
+import json
 import os
 import platform
 import re
@@ -422,6 +423,29 @@ def markdown_table(header, rows, align=None):
     for row in rows:
         lines.append("| " + " | ".join(str(cell) for cell in row) + " |")
     return "\n".join(lines)
+
+
+def compact_json(document):
+    """JSON with one top-level key per line and each list item (e.g. one run) on its own line: small, and
+    still diffable."""
+    def rounded(value):
+        if isinstance(value, float):
+            return round(value, 3)
+        if isinstance(value, dict):
+            return {key: rounded(item) for key, item in value.items()}
+        if isinstance(value, list):
+            return [rounded(item) for item in value]
+        return value
+
+    lines = []
+    for key, value in document.items():
+        value = rounded(value)
+        if isinstance(value, list) and value:
+            items = ",\n".join("  " + json.dumps(item, separators=(",", ":")) for item in value)
+            lines.append(f"{json.dumps(key)}: [\n{items}\n ]")
+        else:
+            lines.append(f"{json.dumps(key)}: {json.dumps(value, separators=(',', ':'))}")
+    return "{\n " + ",\n ".join(lines) + "\n}\n"
 
 
 def make_log_dir(prefix):
