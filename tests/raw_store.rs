@@ -76,35 +76,18 @@ fn fua_writes_zeroes_trims_and_block_status_on_a_file() {
     require_tool("nbdinfo");
     let dir = TempDir::new("file-ops");
     let server = file_server(&dir, "16M");
-    let out = run_bounded(
-        Command::new("qemu-io").args([
-            "-f",
-            "raw",
-            "-c",
+    common::qemu_io(
+        &server.uri,
+        &[
             "write -f -P 0x5a 0 4M",
-            "-c",
             "discard 1M 1M",
-            "-c",
             "write -z -u 3M 1M",
-            "-c",
             "flush",
-            "-c",
             "read -P 0x5a 0 1M",
-            "-c",
             "read -P 0 1M 1M",
-            "-c",
             "read -P 0x5a 2M 1M",
-            "-c",
             "read -P 0 3M 1M",
-            &server.uri,
-        ]),
-        DEADLINE,
-    );
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success() && !text.contains("failed"),
-        "qemu-io: {}",
-        describe(&out)
+        ],
     );
 
     let out = run_bounded(

@@ -105,19 +105,7 @@ fn default_store_survives_a_restart_and_keeps_its_size() {
     require_tool("qemu-io");
     let dir = TempDir::new("restart");
     let mut server = serve(dir.path(), &["--size", "32M"]);
-    let out = run_bounded(
-        Command::new("qemu-io").args([
-            "-f",
-            "raw",
-            "-c",
-            "write -P 0x3c 1M 3M",
-            "-c",
-            "write -z -u 2M 512k",
-            &server.uri,
-        ]),
-        DEADLINE,
-    );
-    assert!(out.status.success(), "{}", describe(&out));
+    common::qemu_io(&server.uri, &["write -P 0x3c 1M 3M", "write -z -u 2M 512k"]);
     server.signal(libc::SIGTERM);
     assert!(server.wait_exit(DEADLINE).success());
     assert!(
@@ -130,27 +118,14 @@ fn default_store_survives_a_restart_and_keeps_its_size() {
     let client = server.client();
     assert_eq!(client.info.size, 32 * MIB);
     client.disconnect();
-    let out = run_bounded(
-        Command::new("qemu-io").args([
-            "-f",
-            "raw",
-            "-c",
+    common::qemu_io(
+        &server.uri,
+        &[
             "read -P 0x3c 1M 1M",
-            "-c",
             "read -P 0 2M 512k",
-            "-c",
             "read -P 0x3c 2560k 1536k",
-            "-c",
             "read -P 0 0 1M",
-            &server.uri,
-        ]),
-        DEADLINE,
-    );
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success() && !text.contains("failed"),
-        "{}",
-        describe(&out)
+        ],
     );
 }
 
@@ -202,11 +177,7 @@ fn refused_after(damage: impl FnOnce(&Path), needle: &str) {
     let mut server = serve(dir.path(), &["--size", "16M"]);
     for round in 0..4 {
         let command = format!("write -P {} {}M 1M", 0x10 + round, round * 2);
-        let out = run_bounded(
-            Command::new("qemu-io").args(["-f", "raw", "-c", &command, &server.uri]),
-            DEADLINE,
-        );
-        assert!(out.status.success(), "{}", describe(&out));
+        common::qemu_io(&server.uri, &[&command]);
     }
     server.signal(libc::SIGTERM);
     assert!(server.wait_exit(DEADLINE).success());
@@ -359,11 +330,7 @@ fn overwriting_many_times_stays_within_the_store() {
     );
 
     // Recovery from a checkpoint plus the journal after it: a last full pattern, SIGKILL, restart.
-    let out = run_bounded(
-        Command::new("qemu-io").args(["-f", "raw", "-c", "write -P 0x77 0 32M", &server.uri]),
-        DEADLINE,
-    );
-    assert!(out.status.success(), "{}", describe(&out));
+    common::qemu_io(&server.uri, &["write -P 0x77 0 32M"]);
     let mut server = server;
     server.signal(libc::SIGKILL);
     server.wait_exit(DEADLINE);
@@ -373,16 +340,7 @@ fn overwriting_many_times_stays_within_the_store() {
         recovered.contains("volume recovered") && !recovered.contains("checkpoint=0 "),
         "{recovered}"
     );
-    let out = run_bounded(
-        Command::new("qemu-io").args(["-f", "raw", "-c", "read -P 0x77 0 32M", &server.uri]),
-        DEADLINE,
-    );
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success() && !text.contains("failed"),
-        "{}",
-        describe(&out)
-    );
+    common::qemu_io(&server.uri, &["read -P 0x77 0 32M"]);
 }
 
 /// Device errors reach the host as NBD errors and nothing that failed is acknowledged: the server runs

@@ -1467,3 +1467,23 @@ pub fn assert_zeros(got: &[u8], what: &str) {
         );
     }
 }
+
+/// Runs `qemu-io -f raw -c C1 -c C2 ... URI`, asserts that it succeeded and that no pattern check
+/// failed, and returns its stdout.
+pub fn qemu_io(uri: &str, commands: &[&str]) -> String {
+    require_tool("qemu-io");
+    let mut command = Command::new("qemu-io");
+    command.args(["-f", "raw"]);
+    for step in commands {
+        command.args(["-c", step]);
+    }
+    command.arg(uri);
+    let out = run_bounded(&mut command, DEADLINE);
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success() && !text.contains("failed"),
+        "qemu-io {commands:?}: {}",
+        describe(&out)
+    );
+    text
+}
