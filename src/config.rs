@@ -46,6 +46,9 @@ pub enum Backend {
     Memory,
     /// A raw image file or block device, block for block, no notes (like `nbdkit file`).
     Raw,
+    /// Discards writes and reads zeros without storing anything (like SPDK's null bdev): measures pure
+    /// protocol and reactor overhead.
+    Null,
 }
 
 #[derive(Debug, Args)]
@@ -102,6 +105,10 @@ pub struct ServeArgs {
     /// Adaptive polling: microseconds to keep spinning after the last work before sleeping.
     #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(u64).range(0..=1_000_000))]
     pub spin_us: u64,
+
+    /// Serve Prometheus metrics at http://HOST:PORT/metrics [default: off].
+    #[arg(long, value_parser = parse_listen)]
+    pub metrics: Option<SocketAddr>,
 }
 
 /// A validated, de-duplicated list of core ids.
@@ -130,6 +137,7 @@ pub struct ServeConfig {
     pub cores: Vec<usize>,
     pub poll_mode: PollMode,
     pub spin: Duration,
+    pub metrics: Option<SocketAddr>,
 }
 
 impl ServeArgs {
@@ -158,6 +166,7 @@ impl ServeArgs {
             cores,
             poll_mode: self.poll,
             spin: Duration::from_micros(self.spin_us),
+            metrics: self.metrics,
         }
     }
 }

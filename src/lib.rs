@@ -11,6 +11,7 @@ pub mod config;
 pub mod frontend;
 pub mod io;
 pub mod journal;
+pub mod metrics;
 pub mod reactor;
 pub mod server;
 pub mod volume;

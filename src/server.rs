@@ -14,6 +14,7 @@ use crate::frontend::nbd::ExportInfo;
 use crate::frontend::nbd::proto::TransmissionFlags;
 use crate::io::file::{FileStore, FileStoreError};
 use crate::io::memory::MemoryStore;
+use crate::metrics::Metrics;
 use crate::reactor::{Mailbox, Reactor, ReactorSetup, Shutdown};
 use crate::volume::open::{OpenError, open_copy};
 use crate::volume::{Store, Volume};
@@ -64,6 +65,7 @@ pub fn serve(config: ServeConfig) -> Result<(), ServeError> {
     };
     let (store, size_bytes) = match config.backend {
         Backend::Memory => (Store::Memory(MemoryStore::new()), config.size_or_default()),
+        Backend::Null => (Store::Null, config.size_or_default()),
         Backend::Raw => {
             create_parent(&config.path)?;
             let file = FileStore::open(&config.path, config.size_or_default(), volume_id)?;
@@ -121,6 +123,12 @@ pub fn serve(config: ServeConfig) -> Result<(), ServeError> {
     let mut listener = Some(mio::net::TcpListener::from_std(listener));
 
     let reactors = config.cores.len();
+    let metrics = Arc::new(Metrics::new(&[config.volume.as_str()], reactors));
+    if let Some(address) = config.metrics {
+        let bound = crate::metrics::serve(address, metrics.clone())
+            .map_err(|source| ServeError::Listen { address, source })?;
+        tracing::info!(address = %bound, "metrics at http://{bound}/metrics");
+    }
     let mut polls = Vec::with_capacity(reactors);
     let mut mailboxes = Vec::with_capacity(reactors);
     for reactor in 0..reactors {
@@ -154,6 +162,7 @@ pub fn serve(config: ServeConfig) -> Result<(), ServeError> {
             exports: exports.clone(),
             mailboxes: mailboxes.clone(),
             shutdown: shutdown.clone(),
+            metrics: metrics.clone(),
         };
         let reactor = Reactor::new(setup).map_err(|source| ServeError::Reactor {
             reactor: id,

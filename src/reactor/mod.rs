@@ -22,6 +22,7 @@ use mio::{Events, Interest, Poll, Token};
 
 use crate::frontend::nbd::{CloseReason, Connection, ExportInfo};
 use crate::io::uring::Uring;
+use crate::metrics::Metrics;
 use crate::volume::{IoCompletion, IoRequest, Origin, SubmitIo, Volume, VolumeId};
 pub use mailbox::{Mailbox, Message};
 
@@ -47,6 +48,8 @@ pub const CONNECTIONS_PER_REACTOR_MAX: usize = 4096;
 pub const NEGOTIATION_TIMEOUT: Duration = Duration::from_secs(30);
 /// Events taken from the poller per iteration.
 const EVENTS_PER_POLL: usize = 256;
+/// Loop iterations between publications of the loop metrics.
+const LOOP_METRICS_BATCH: u64 = 4096;
 /// Messages taken from each inbound ring per iteration, so that one busy peer cannot starve sockets.
 const MESSAGES_PER_RING_PER_ITERATION: usize = 256;
 
@@ -98,6 +101,7 @@ pub struct ReactorSetup {
     pub exports: Arc<[ExportInfo]>,
     pub mailboxes: Arc<[Mailbox]>,
     pub shutdown: Arc<Shutdown>,
+    pub metrics: Arc<Metrics>,
 }
 
 /// Routes requests to their volume's owner and completions back to their connection's reactor.
@@ -252,6 +256,11 @@ pub struct Reactor {
     shutdown: Arc<Shutdown>,
     draining: bool,
     counted_drained: bool,
+    metrics: Arc<Metrics>,
+    /// Loop accounting gathered locally and published now and then (atomics are not free).
+    pending_iterations: u64,
+    pending_busy_ns: u64,
+    pending_idle_ns: u64,
 }
 
 impl Reactor {
@@ -301,6 +310,10 @@ impl Reactor {
             shutdown: setup.shutdown,
             draining: false,
             counted_drained: false,
+            metrics: setup.metrics,
+            pending_iterations: 0,
+            pending_busy_ns: 0,
+            pending_idle_ns: 0,
         })
     }
 
@@ -317,12 +330,30 @@ impl Reactor {
         }
         let mut events = Events::with_capacity(EVENTS_PER_POLL);
         let mut last_work = Instant::now();
+        let mut work_started = last_work;
         loop {
             let timeout = self.poll_timeout(last_work);
+            let poll_started = Instant::now();
+            self.pending_busy_ns += (poll_started - work_started).as_nanos() as u64;
+            let sleeping = timeout != Some(Duration::ZERO);
+            if sleeping {
+                self.publish_loop_metrics();
+            }
             match self.poll.poll(&mut events, timeout) {
                 Ok(()) => {}
                 Err(error) if error.kind() == io::ErrorKind::Interrupted => {}
                 Err(error) => return Err(error),
+            }
+            work_started = Instant::now();
+            let waited = (work_started - poll_started).as_nanos() as u64;
+            if sleeping {
+                self.pending_idle_ns += waited;
+            } else {
+                self.pending_busy_ns += waited;
+            }
+            self.pending_iterations += 1;
+            if self.pending_iterations >= LOOP_METRICS_BATCH {
+                self.publish_loop_metrics();
             }
             self.mailbox().woke_up();
             let mut worked = !events.is_empty();
@@ -360,6 +391,20 @@ impl Reactor {
                 return Ok(());
             }
         }
+    }
+
+    fn publish_loop_metrics(&mut self) {
+        let reactor = &self.metrics.reactors[self.id];
+        reactor.iterations.fetch_add(
+            std::mem::take(&mut self.pending_iterations),
+            Ordering::Relaxed,
+        );
+        reactor
+            .busy_ns
+            .fetch_add(std::mem::take(&mut self.pending_busy_ns), Ordering::Relaxed);
+        reactor
+            .idle_ns
+            .fetch_add(std::mem::take(&mut self.pending_idle_ns), Ordering::Relaxed);
     }
 
     fn mailbox(&self) -> &Mailbox {
@@ -450,7 +495,8 @@ impl Reactor {
             connection: index,
             generation,
         };
-        self.connections.entries[index as usize] = Some(Connection::new(stream, peer, origin));
+        self.connections.entries[index as usize] =
+            Some(Connection::new(stream, peer, origin, self.metrics.clone()));
         self.connections.live += 1;
         self.timers.push(Reverse((
             Instant::now() + NEGOTIATION_TIMEOUT,
@@ -507,6 +553,9 @@ impl Reactor {
             let before = router.done.len();
             if let Some(volume) = router.volumes[index].as_mut() {
                 volume.end_iteration(&mut router.uring, &mut router.done);
+                if let Some((next_op, committed_op)) = volume.op_numbers() {
+                    self.metrics.volumes[index].set_op_numbers(next_op, committed_op);
+                }
             }
             router.send_foreign_completions(before);
         }

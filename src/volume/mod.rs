@@ -146,6 +146,8 @@ pub fn push_extent(buf: &mut AlignedBuf, count: &mut u32, length: u64, flags: u3
 pub enum Store {
     /// Sparse memory, lost at exit.
     Memory(MemoryStore),
+    /// Stores nothing: writes are dropped, reads return zeros.
+    Null,
     /// A raw image file or device, block for block (no notes): for comparison with plain file servers.
     Raw(FileStore),
     /// A persistent volume copy: notes, op numbers, commits, crash recovery.
@@ -183,6 +185,7 @@ impl Volume {
         debug_assert!(request.offset + u64::from(request.length) <= self.size_bytes);
         match &mut self.store {
             Store::Memory(memory) => done.push_back(memory.execute(request)),
+            Store::Null => done.push_back(null_execute(request)),
             Store::Raw(file) => file.submit(request, uring, done),
             Store::Persistent { copy, file } => {
                 let mut device = UringDevice {
@@ -216,7 +219,9 @@ impl Volume {
         done: &mut VecDeque<IoCompletion>,
     ) {
         match &mut self.store {
-            Store::Memory(_) => debug_assert!(false, "memory volumes submit no kernel IO"),
+            Store::Memory(_) | Store::Null => {
+                debug_assert!(false, "memory volumes submit no kernel IO")
+            }
             Store::Raw(file) => file.complete(tag, result, uring, done),
             Store::Persistent { copy, file } => {
                 let mut device = UringDevice {
@@ -232,9 +237,20 @@ impl Volume {
     /// Requests handed to the kernel and not completed yet.
     pub fn in_flight(&self) -> usize {
         match &self.store {
-            Store::Memory(_) => 0,
+            Store::Memory(_) | Store::Null => 0,
             Store::Raw(file) => file.in_flight(),
             Store::Persistent { copy, .. } => copy.in_flight(),
+        }
+    }
+
+    /// Op numbers of a persistent copy: (next op, commit watermark).
+    pub fn op_numbers(&self) -> Option<(u64, u64)> {
+        match &self.store {
+            Store::Persistent { copy, .. } => {
+                let stats = copy.stats();
+                Some((stats.next_op, stats.committed_op))
+            }
+            _ => None,
         }
     }
 
@@ -243,6 +259,29 @@ impl Volume {
     /// store (raw) or has nothing to do because acknowledged writes are already durable (persistent).
     pub fn flush_is_global(&self) -> bool {
         true
+    }
+}
+
+/// The null store: reads are zeros (the buffer is cleared: it may hold another request's data), writes
+/// vanish, everything else succeeds at once; block status says "data" everywhere.
+fn null_execute(mut request: IoRequest) -> IoCompletion {
+    let result = match request.kind {
+        IoKind::Read => {
+            request.buf.as_mut_slice().fill(0);
+            Ok(request.length)
+        }
+        IoKind::BlockStatus => {
+            request.buf.set_len(EXTENT_RECORD_LEN);
+            let mut count = 0;
+            push_extent(&mut request.buf, &mut count, u64::from(request.length), 0);
+            Ok(count)
+        }
+        _ => Ok(request.length),
+    };
+    IoCompletion {
+        origin: request.origin,
+        result,
+        buf: request.buf,
     }
 }
 

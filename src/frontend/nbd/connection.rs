@@ -10,6 +10,8 @@
 use std::collections::VecDeque;
 use std::io::{self, IoSlice, Read, Write};
 use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Instant;
 
 use mio::net::TcpStream;
 
@@ -20,6 +22,7 @@ use crate::frontend::nbd::proto::{
 };
 use crate::frontend::nbd::request::{Decision, SessionLimits, ValidRequest, validate};
 use crate::io::AlignedBuf;
+use crate::metrics::Metrics;
 use crate::volume::{
     EXTENT_RECORD_LEN, EXTENTS_PER_REPLY_MAX, IoCompletion, IoKind, IoRequest, Origin, SubmitIo,
     VolumeError, VolumeId,
@@ -86,6 +89,8 @@ enum Receive {
 struct Slot {
     buf: AlignedBuf,
     request: ValidRequest,
+    /// When the request was decoded (for the latency histogram).
+    started: Instant,
 }
 
 struct Reply {
@@ -146,11 +151,17 @@ pub struct Connection {
     read_ready: bool,
     /// Stop taking requests: the client sent NBD_CMD_DISC or the server is shutting down.
     draining: bool,
+    metrics: Arc<Metrics>,
 }
 
 impl Connection {
     /// A new connection; `origin` identifies it (reactor, index, generation) in the requests it submits.
-    pub fn new(stream: TcpStream, peer: SocketAddr, origin: Origin) -> Connection {
+    pub fn new(
+        stream: TcpStream,
+        peer: SocketAddr,
+        origin: Origin,
+        metrics: Arc<Metrics>,
+    ) -> Connection {
         let mut control = Vec::with_capacity(256);
         let negotiation = Negotiation::start(&mut control);
         let empty_request = ValidRequest {
@@ -179,6 +190,7 @@ impl Connection {
                 .map(|_| Slot {
                     buf: AlignedBuf::empty(),
                     request: empty_request,
+                    started: Instant::now(),
                 })
                 .collect(),
             free_slots: (0..SLOTS_PER_CONNECTION as u16).rev().collect(),
@@ -186,6 +198,7 @@ impl Connection {
             in_flight: 0,
             read_ready: true,
             draining: false,
+            metrics,
         }
     }
 
@@ -251,13 +264,21 @@ impl Connection {
         debug_assert!(self.in_flight > 0);
         self.in_flight -= 1;
         let slot_index = completion.origin.slot;
-        let structured = match self.phase {
-            Phase::Transmitting(transmission) => transmission.limits.structured_replies,
-            Phase::Negotiating(_) => false,
+        let (structured, volume) = match self.phase {
+            Phase::Transmitting(transmission) => {
+                (transmission.limits.structured_replies, transmission.volume)
+            }
+            Phase::Negotiating(_) => unreachable!("requests are only submitted in transmission"),
         };
         let slot = &mut self.slots[usize::from(slot_index)];
         slot.buf = completion.buf;
         let request = slot.request;
+        self.metrics.volumes[volume as usize].finished(
+            request.kind,
+            request.length,
+            completion.result.is_ok(),
+            slot.started.elapsed().as_nanos() as u64,
+        );
         let reply = match completion.result {
             Ok(result) => match request.kind {
                 IoKind::Read => Reply {
@@ -399,6 +420,7 @@ impl Connection {
                     match validate(&header, &transmission.limits) {
                         Decision::Execute(request) => {
                             self.slots[usize::from(slot)].request = request;
+                            self.slots[usize::from(slot)].started = Instant::now();
                             if request.payload > 0 {
                                 let buf = &mut self.slots[usize::from(slot)].buf;
                                 buf.reserve_total(request.payload as usize);
@@ -484,6 +506,7 @@ impl Connection {
             _ => buf.set_len(0),
         }
         self.in_flight += 1;
+        self.metrics.volumes[volume as usize].started();
         submit.submit(IoRequest {
             volume,
             kind: request.kind,

@@ -1,0 +1,373 @@
+//! Live counters and latency histograms, and their Prometheus text exposition.
+//!
+//! Owns: per-volume request counts, bytes, errors, in-flight gauge, latency histograms and op numbers;
+//! per-reactor loop iterations and busy/idle time; the `--metrics` HTTP endpoint. Writers are the
+//! reactors (relaxed atomic adds: no locks, no allocation on the IO path); the reader is the endpoint's
+//! own thread. Must never: block a reactor, or let a scraper's bytes do anything but get a page or an
+//! error.
+
+use std::fmt::Write as _;
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::time::Duration;
+
+use crate::volume::IoKind;
+
+/// Histogram buckets: upper bounds 2^10 ns (~1 µs) .. 2^32 ns (~4.3 s), then +Inf.
+const BUCKET_FIRST_SHIFT: u32 = 10;
+const BUCKETS: usize = 23;
+/// Largest HTTP request the endpoint reads.
+const REQUEST_BYTES_MAX: usize = 8192;
+const SCRAPE_TIMEOUT: Duration = Duration::from_secs(2);
+
+const KINDS: [(IoKind, &str); 7] = [
+    (IoKind::Read, "read"),
+    (IoKind::Write, "write"),
+    (IoKind::Flush, "flush"),
+    (IoKind::Trim, "trim"),
+    (IoKind::WriteZeroes, "write_zeroes"),
+    (IoKind::Cache, "cache"),
+    (IoKind::BlockStatus, "block_status"),
+];
+
+fn kind_index(kind: IoKind) -> usize {
+    KINDS
+        .iter()
+        .position(|(candidate, _)| *candidate == kind)
+        .expect("every kind is listed")
+}
+
+/// A fixed-bucket latency histogram that many threads may update and one may read.
+pub struct LatencyHistogram {
+    buckets: [AtomicU64; BUCKETS + 1],
+    sum_ns: AtomicU64,
+}
+
+impl Default for LatencyHistogram {
+    fn default() -> Self {
+        LatencyHistogram {
+            buckets: std::array::from_fn(|_| AtomicU64::new(0)),
+            sum_ns: AtomicU64::new(0),
+        }
+    }
+}
+
+impl LatencyHistogram {
+    pub fn record(&self, nanoseconds: u64) {
+        let bits = 64 - nanoseconds.saturating_sub(1).leading_zeros();
+        let index = (bits.saturating_sub(BUCKET_FIRST_SHIFT) as usize).min(BUCKETS);
+        self.buckets[index].fetch_add(1, Ordering::Relaxed);
+        self.sum_ns.fetch_add(nanoseconds, Ordering::Relaxed);
+    }
+
+    fn render(&self, out: &mut String, name: &str, labels: &str) {
+        let mut cumulative = 0u64;
+        for (index, bucket) in self.buckets.iter().enumerate() {
+            cumulative += bucket.load(Ordering::Relaxed);
+            let bound = if index == BUCKETS {
+                "+Inf".to_string()
+            } else {
+                format!(
+                    "{:e}",
+                    (1u64 << (BUCKET_FIRST_SHIFT + index as u32)) as f64 / 1e9
+                )
+            };
+            let _ = writeln!(out, "{name}_bucket{{{labels},le=\"{bound}\"}} {cumulative}");
+        }
+        let sum = self.sum_ns.load(Ordering::Relaxed) as f64 / 1e9;
+        let _ = writeln!(out, "{name}_sum{{{labels}}} {sum}");
+        let _ = writeln!(out, "{name}_count{{{labels}}} {cumulative}");
+    }
+}
+
+/// One volume's counters.
+pub struct VolumeMetrics {
+    pub name: String,
+    requests: [AtomicU64; KINDS.len()],
+    bytes: [AtomicU64; KINDS.len()],
+    errors: [AtomicU64; KINDS.len()],
+    in_flight: AtomicI64,
+    latency_read: LatencyHistogram,
+    latency_write: LatencyHistogram,
+    latency_flush: LatencyHistogram,
+    next_op: AtomicU64,
+    committed_op: AtomicU64,
+}
+
+impl VolumeMetrics {
+    pub fn new(name: &str) -> VolumeMetrics {
+        VolumeMetrics {
+            name: name.to_owned(),
+            requests: std::array::from_fn(|_| AtomicU64::new(0)),
+            bytes: std::array::from_fn(|_| AtomicU64::new(0)),
+            errors: std::array::from_fn(|_| AtomicU64::new(0)),
+            in_flight: AtomicI64::new(0),
+            latency_read: LatencyHistogram::default(),
+            latency_write: LatencyHistogram::default(),
+            latency_flush: LatencyHistogram::default(),
+            next_op: AtomicU64::new(0),
+            committed_op: AtomicU64::new(0),
+        }
+    }
+
+    /// A request was handed to the volume.
+    pub fn started(&self) {
+        self.in_flight.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// A request finished (successfully or not) after `nanoseconds`.
+    pub fn finished(&self, kind: IoKind, bytes: u32, ok: bool, nanoseconds: u64) {
+        let index = kind_index(kind);
+        self.in_flight.fetch_sub(1, Ordering::Relaxed);
+        self.requests[index].fetch_add(1, Ordering::Relaxed);
+        if ok {
+            self.bytes[index].fetch_add(u64::from(bytes), Ordering::Relaxed);
+        } else {
+            self.errors[index].fetch_add(1, Ordering::Relaxed);
+        }
+        match kind {
+            IoKind::Read => self.latency_read.record(nanoseconds),
+            IoKind::Write | IoKind::WriteZeroes | IoKind::Trim => {
+                self.latency_write.record(nanoseconds)
+            }
+            IoKind::Flush => self.latency_flush.record(nanoseconds),
+            IoKind::Cache | IoKind::BlockStatus => {}
+        }
+    }
+
+    /// Op numbers of a persistent volume (the next to assign, and the commit watermark).
+    pub fn set_op_numbers(&self, next_op: u64, committed_op: u64) {
+        self.next_op.store(next_op, Ordering::Relaxed);
+        self.committed_op.store(committed_op, Ordering::Relaxed);
+    }
+}
+
+/// A metric family: name, help text, and how to read its value from one source.
+type Family<Source, Value> = (&'static str, &'static str, fn(&Source) -> Value);
+
+/// One reactor's loop accounting.
+#[derive(Default)]
+pub struct ReactorMetrics {
+    pub iterations: AtomicU64,
+    /// Time spent waiting for events with a non-zero timeout (asleep).
+    pub idle_ns: AtomicU64,
+    /// Everything else: work and busy polling.
+    pub busy_ns: AtomicU64,
+}
+
+pub struct Metrics {
+    pub volumes: Vec<VolumeMetrics>,
+    pub reactors: Vec<ReactorMetrics>,
+}
+
+impl Metrics {
+    pub fn new(volume_names: &[&str], reactors: usize) -> Metrics {
+        Metrics {
+            volumes: volume_names
+                .iter()
+                .map(|name| VolumeMetrics::new(name))
+                .collect(),
+            reactors: (0..reactors).map(|_| ReactorMetrics::default()).collect(),
+        }
+    }
+
+    /// The Prometheus text exposition format (version 0.0.4).
+    pub fn render(&self) -> String {
+        let mut out = String::with_capacity(16 * 1024);
+        let counters = [
+            (
+                "ferroblock_requests_total",
+                "Requests completed, by kind.",
+                0,
+            ),
+            (
+                "ferroblock_bytes_total",
+                "Bytes transferred by successful requests, by kind.",
+                1,
+            ),
+            (
+                "ferroblock_request_errors_total",
+                "Requests that failed, by kind.",
+                2,
+            ),
+        ];
+        for (name, help, which) in counters {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter");
+            for volume in &self.volumes {
+                for (index, (_, kind)) in KINDS.iter().enumerate() {
+                    let value = match which {
+                        0 => &volume.requests[index],
+                        1 => &volume.bytes[index],
+                        _ => &volume.errors[index],
+                    };
+                    let _ = writeln!(
+                        out,
+                        "{name}{{volume=\"{}\",kind=\"{kind}\"}} {}",
+                        volume.name,
+                        value.load(Ordering::Relaxed)
+                    );
+                }
+            }
+        }
+        let gauges: [Family<VolumeMetrics, i64>; 3] = [
+            (
+                "ferroblock_requests_in_flight",
+                "Requests handed to the volume and not finished.",
+                |v| v.in_flight.load(Ordering::Relaxed),
+            ),
+            (
+                "ferroblock_next_op",
+                "Next operation number a write will get (persistent volumes).",
+                |v| v.next_op.load(Ordering::Relaxed) as i64,
+            ),
+            (
+                "ferroblock_committed_op",
+                "Commit watermark: every op up to it is readable.",
+                |v| v.committed_op.load(Ordering::Relaxed) as i64,
+            ),
+        ];
+        for (name, help, value) in gauges {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge");
+            for volume in &self.volumes {
+                let _ = writeln!(
+                    out,
+                    "{name}{{volume=\"{}\"}} {}",
+                    volume.name,
+                    value(volume)
+                );
+            }
+        }
+        let name = "ferroblock_request_duration_seconds";
+        let _ = writeln!(
+            out,
+            "# HELP {name} Request latency from decoding to completion, by kind.\n# TYPE {name} histogram"
+        );
+        for volume in &self.volumes {
+            for (kind, histogram) in [
+                ("read", &volume.latency_read),
+                ("write", &volume.latency_write),
+                ("flush", &volume.latency_flush),
+            ] {
+                histogram.render(
+                    &mut out,
+                    name,
+                    &format!("volume=\"{}\",kind=\"{kind}\"", volume.name),
+                );
+            }
+        }
+        let reactor_counters: [Family<ReactorMetrics, f64>; 3] = [
+            (
+                "ferroblock_reactor_iterations_total",
+                "Loop iterations.",
+                |r| r.iterations.load(Ordering::Relaxed) as f64,
+            ),
+            (
+                "ferroblock_reactor_busy_seconds_total",
+                "Time working or busy polling.",
+                |r| r.busy_ns.load(Ordering::Relaxed) as f64 / 1e9,
+            ),
+            (
+                "ferroblock_reactor_idle_seconds_total",
+                "Time asleep waiting for events.",
+                |r| r.idle_ns.load(Ordering::Relaxed) as f64 / 1e9,
+            ),
+        ];
+        for (name, help, value) in reactor_counters {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter");
+            for (index, reactor) in self.reactors.iter().enumerate() {
+                let _ = writeln!(out, "{name}{{reactor=\"{index}\"}} {}", value(reactor));
+            }
+        }
+        out
+    }
+}
+
+/// Serves `GET /metrics` on `address` from a thread of its own. Returns the bound address.
+pub fn serve(address: SocketAddr, metrics: Arc<Metrics>) -> std::io::Result<SocketAddr> {
+    let listener = TcpListener::bind(address)?;
+    let local = listener.local_addr()?;
+    std::thread::Builder::new()
+        .name("metrics".into())
+        .spawn(move || {
+            for stream in listener.incoming() {
+                match stream {
+                    Ok(stream) => {
+                        if let Err(error) = answer(stream, &metrics) {
+                            tracing::debug!(%error, "metrics scrape failed");
+                        }
+                    }
+                    Err(error) => tracing::warn!(%error, "metrics accept failed"),
+                }
+            }
+        })?;
+    Ok(local)
+}
+
+fn answer(mut stream: TcpStream, metrics: &Metrics) -> std::io::Result<()> {
+    stream.set_read_timeout(Some(SCRAPE_TIMEOUT))?;
+    stream.set_write_timeout(Some(SCRAPE_TIMEOUT))?;
+    let mut request = Vec::with_capacity(1024);
+    let mut chunk = [0u8; 1024];
+    while !request.windows(4).any(|window| window == b"\r\n\r\n") {
+        let read = stream.read(&mut chunk)?;
+        if read == 0 || request.len() + read > REQUEST_BYTES_MAX {
+            break;
+        }
+        request.extend_from_slice(&chunk[..read]);
+    }
+    let line = request
+        .split(|&byte| byte == b'\n')
+        .next()
+        .unwrap_or_default();
+    let (status, content_type, body) =
+        if line.starts_with(b"GET /metrics ") || line.starts_with(b"GET / ") {
+            (
+                "200 OK",
+                "text/plain; version=0.0.4; charset=utf-8",
+                metrics.render(),
+            )
+        } else if line.starts_with(b"GET ") {
+            ("404 Not Found", "text/plain", "try /metrics\n".to_string())
+        } else {
+            ("400 Bad Request", "text/plain", "bad request\n".to_string())
+        };
+    let header = format!(
+        "HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    );
+    stream.write_all(header.as_bytes())?;
+    stream.write_all(body.as_bytes())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn histogram_buckets_are_cumulative_and_bounded() {
+        let histogram = LatencyHistogram::default();
+        for nanoseconds in [1, 1024, 1025, 2048, 5_000_000_000] {
+            histogram.record(nanoseconds);
+        }
+        let mut out = String::new();
+        histogram.render(&mut out, "h", "v=\"x\"");
+        assert!(out.contains("h_bucket{v=\"x\",le=\"1.024e-6\"} 2"), "{out}");
+        assert!(out.contains("h_bucket{v=\"x\",le=\"2.048e-6\"} 4"), "{out}");
+        assert!(out.contains("h_bucket{v=\"x\",le=\"+Inf\"} 5"), "{out}");
+        assert!(out.contains("h_count{v=\"x\"} 5"), "{out}");
+    }
+
+    #[test]
+    fn render_lists_every_family() {
+        let metrics = Metrics::new(&["vol0"], 2);
+        metrics.volumes[0].started();
+        metrics.volumes[0].finished(IoKind::Write, 4096, true, 10_000);
+        let text = metrics.render();
+        assert!(text.contains("ferroblock_requests_total{volume=\"vol0\",kind=\"write\"} 1"));
+        assert!(text.contains("ferroblock_bytes_total{volume=\"vol0\",kind=\"write\"} 4096"));
+        assert!(text.contains("ferroblock_requests_in_flight{volume=\"vol0\"} 0"));
+        assert!(text.contains("ferroblock_reactor_iterations_total{reactor=\"1\"} 0"));
+    }
+}
