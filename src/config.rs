@@ -35,6 +35,10 @@ pub struct Cli {
 pub enum Command {
     /// Serve a volume over NBD (defaults: a 1 GiB in-memory volume `vol0` on 127.0.0.1:10809).
     Serve(ServeArgs),
+    /// Measure latency and throughput of any NBD server (a load generator).
+    Bench(crate::loadgen::BenchArgs),
+    /// Draw `bench --hist` interval logs: latency by percentile and IOPS over time, as SVG and PNG.
+    Plot(crate::plot::PlotArgs),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]

@@ -11,6 +11,8 @@ pub mod config;
 pub mod frontend;
 pub mod io;
 pub mod journal;
+pub mod loadgen;
+pub mod plot;
 pub mod metrics;
 pub mod reactor;
 pub mod server;

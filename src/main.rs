@@ -19,5 +19,7 @@ fn main() -> ExitCode {
                 ExitCode::from(1)
             }
         },
+        Command::Bench(args) => ferroblock::loadgen::run(args),
+        Command::Plot(args) => ferroblock::plot::run(args),
     }
 }
