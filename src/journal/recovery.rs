@@ -91,9 +91,9 @@ pub fn recover(
         read_at(address, buffer).map_err(|source| RecoveryError::Io { address, source })
     };
 
-    // Pass 1: which ring slots hold a valid block, and the newest checkpoint-done record.
+    // Pass 1: which ring slots hold a valid block, and the checkpoint-done records.
     let mut summaries: Vec<Option<Summary>> = vec![None; ring_blocks as usize];
-    let mut newest_done: Option<(u64, CheckpointDone)> = None;
+    let mut dones: Vec<(u64, CheckpointDone)> = Vec::new();
     let mut max_incarnation = 0u32;
     let mut chunk = vec![0u8; SCAN_CHUNK_BYTES];
     let blocks_per_chunk = (SCAN_CHUNK_BYTES / JOURNAL_BLOCK_BYTES) as u64;
@@ -114,10 +114,8 @@ pub fn recover(
                 continue; // a block can only live in its own slot; anything else is not ours
             }
             max_incarnation = max_incarnation.max(header.incarnation);
-            if header.kind == BlockKind::CheckpointDone
-                && newest_done.is_none_or(|(seq, _)| header.seq > seq)
-            {
-                newest_done = Some((header.seq, format::get_checkpoint_done(block)));
+            if header.kind == BlockKind::CheckpointDone {
+                dones.push((header.seq, format::get_checkpoint_done(block)));
             }
             summaries[slot as usize] = Some(Summary { header });
         }
@@ -125,11 +123,66 @@ pub fn recover(
     }
 
     // Pass 2: the chain of consecutive blocks from the replay start.
+    let slot_of = |seq: u64| (seq % ring_blocks) as usize;
+    // One past the last block of the chain of consecutive blocks from `start_seq`, and the
+    // incarnation of that last block; and whether a block past that end says the end block was durable
+    // (then it is damaged, not torn).
+    let chain_end = |start_seq: u64| {
+        let mut end_seq = start_seq;
+        let mut chain_incarnation = 0u32;
+        while end_seq - start_seq < ring_blocks {
+            let Some(summary) = summaries[slot_of(end_seq)] else {
+                break;
+            };
+            if summary.header.seq != end_seq || summary.header.incarnation < chain_incarnation {
+                break;
+            }
+            chain_incarnation = summary.header.incarnation;
+            end_seq += 1;
+        }
+        (end_seq, chain_incarnation)
+    };
+    let vouched_past_end = |end_seq: u64, chain_incarnation: u32| {
+        (end_seq + 1..=end_seq + JOURNAL_BLOCKS_IN_FLIGHT_MAX.min(ring_blocks)).any(|seq| {
+            summaries[slot_of(seq)].is_some_and(|summary| {
+                summary.header.seq == seq
+                    && summary.header.incarnation >= chain_incarnation
+                    && summary.header.durable_before > end_seq
+            })
+        })
+    };
+    // The newest checkpoint whose done record is in the chain from its own replay start. A done record
+    // past the end of that chain (a block before it is missing, and no later header says it was
+    // durable) was never known durable by its writer, which therefore still keeps the previous
+    // checkpoint's blocks; and the next incarnation, which continues the log at the chain's end, may
+    // overwrite it.
+    dones.sort_unstable_by_key(|&(seq, _)| std::cmp::Reverse(seq));
+    let mut newest_done = None;
+    for &(seq, done) in &dones {
+        let (end_seq, chain_incarnation) = chain_end(done.replay_from_seq);
+        if seq >= done.replay_from_seq && seq < end_seq {
+            newest_done = Some(done);
+            break;
+        }
+        if vouched_past_end(end_seq, chain_incarnation) {
+            return Err(RecoveryError::DamagedDurableBlock { seq: end_seq });
+        }
+    }
+    let wrapped = summaries
+        .iter()
+        .flatten()
+        .any(|summary| summary.header.seq >= ring_blocks);
+    if newest_done.is_none() && wrapped {
+        // Blocks from seq 0 were overwritten, which the writer does only after a durable checkpoint.
+        return Err(RecoveryError::Checkpoint {
+            checkpoint_id: 0,
+            reason: "the journal wrapped around but no checkpoint is complete",
+        });
+    }
     let (start_seq, checkpoint) = match newest_done {
-        Some((_, done)) => (done.replay_from_seq, Some(done)),
+        Some(done) => (done.replay_from_seq, Some(done)),
         None => (0, None),
     };
-    let slot_of = |seq: u64| (seq % ring_blocks) as usize;
     let mut end_seq = start_seq;
     let mut chain_incarnation = 0u32;
     let mut durable_before = start_seq;
@@ -166,7 +219,9 @@ pub fn recover(
         .max()
         .unwrap_or(0);
     // A block past the end that vouches for the end block means the end block was durable: damage.
-    for seq in end_seq + 1..end_seq + JOURNAL_BLOCKS_IN_FLIGHT_MAX.min(ring_blocks) {
+    // While the end block was not durable the writer sealed blocks up to `end_seq + IN_FLIGHT_MAX - 1`;
+    // the first that can vouch for it may be the next one.
+    for seq in end_seq + 1..=end_seq + JOURNAL_BLOCKS_IN_FLIGHT_MAX.min(ring_blocks) {
         if let Some(summary) = summaries[slot_of(seq)]
             && summary.header.seq == seq
             && summary.header.incarnation >= chain_incarnation

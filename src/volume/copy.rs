@@ -90,6 +90,8 @@ struct SealedBlock {
     seq: u64,
     buf: AlignedBuf,
     written: bool,
+    /// The `durable_before` in its header.
+    vouches_before: u64,
 }
 
 struct OpenBlock {
@@ -151,6 +153,16 @@ pub struct VolumeCopy {
     /// The watermark this incarnation recovered to: written in every block so that the next recovery
     /// knows that earlier incarnations' notes above it are void (their op numbers are reused).
     resume_op: u64,
+    /// The first seq this incarnation writes. Until a durable header vouches for that block no data is
+    /// written: recovery may have replayed notes whose blocks no durable header vouches for, after
+    /// checking their data checksums, and the space of those a later note overwrote is free now.
+    /// Overwriting it before then would make the next recovery fail the checksum and stop there.
+    resume_seq: u64,
+    /// Blocks before this seq are vouched for by the `durable_before` of a durable block's header.
+    /// Data space is reused only once the block vouching for the ops that wrote it is itself vouched
+    /// for: damage to any one block is then either detected by recovery (a later durable header
+    /// vouches for it) or harmless, never a fall-back to an older state whose data was overwritten.
+    vouched_before: u64,
     next_op: u64,
     committed_op: u64,
     next_seq: u64,
@@ -166,7 +178,11 @@ pub struct VolumeCopy {
     waiting: VecDeque<IoRequest>,
     reads: Vec<Option<ReadJob>>,
     free_reads: Vec<u32>,
-    limbo: VecDeque<(u64, Piece)>,
+    /// Space overwritten by a commit: (free counter, vouching seq, piece). Reusable once no read that
+    /// started before the commit is in flight, and once a durable header vouches for journal block
+    /// `vouching seq`, whose header says that the blocks of every op that wrote this space are durable:
+    /// recovery will not check those ops' data checksums against whatever is written here next.
+    limbo: VecDeque<(u64, u64, Piece)>,
     free_counter: u64,
     checkpoint: Option<CheckpointJob>,
     checkpoint_id: u64,
@@ -200,6 +216,8 @@ impl VolumeCopy {
             epoch: 0,
             incarnation: recovered.incarnation,
             resume_op: recovered.committed_op,
+            resume_seq: recovered.next_seq,
+            vouched_before: 0,
             next_op: recovered.committed_op + 1,
             committed_op: recovered.committed_op,
             next_seq: recovered.next_seq,
@@ -316,6 +334,9 @@ impl VolumeCopy {
         if zero_data && self.zeros.is_empty() {
             self.zeros = AlignedBuf::with_capacity(ZERO_BUFFER_BYTES);
             self.zeros.set_len(ZERO_BUFFER_BYTES);
+        }
+        if kind == NoteKind::Write && self.vouched_before <= self.resume_seq {
+            return Err(request); // see `resume_seq`; `write_vouching_block` gets it written
         }
         let mut pieces = self.piece_pool.pop().unwrap_or_default();
         pieces.clear();
@@ -673,6 +694,7 @@ impl VolumeCopy {
             seq,
             buf: open.buf,
             written: false,
+            vouches_before: header.durable_before,
         });
         self.stats.journal_blocks_written += 1;
         self.stats.journal_bytes_written += JOURNAL_BLOCK_BYTES as u64;
@@ -734,10 +756,37 @@ impl VolumeCopy {
             }
             self.unsubmitted.pop_front();
         }
-        self.seal(device);
+        // Writes reserve a device slot for sealing their block when they start, but reads started since
+        // may have taken every slot: then the block stays open until one is free.
+        if !self.free_tags.is_empty() {
+            self.seal(device);
+        }
         self.checkpoint_step(device);
         self.advance(device, done);
         self.retry_waiting(device, done);
+        self.write_vouching_block(device);
+    }
+
+    /// Requests wait (perhaps for space) while data space waits for a header to vouch for a block
+    /// (`limbo`, `resume_seq`) and no block that could is in flight: write an empty notes block. (Two at
+    /// most: one that vouches for the blocks before it, one that vouches for that one.)
+    fn write_vouching_block(&mut self, device: &mut dyn Device) {
+        let unvouched = self
+            .limbo
+            .front()
+            .is_some_and(|&(_, vouching_seq, _)| vouching_seq >= self.vouched_before)
+            || self.vouched_before <= self.resume_seq;
+        if unvouched
+            && !self.waiting.is_empty()
+            && self.open.is_none()
+            && self.sealed.is_empty()
+            && self.failed.is_none()
+            && self.free_tags.len() >= 2
+            && self.journal_has_room(1)
+        {
+            self.open_block_seq(BlockKind::Notes);
+            self.seal(device);
+        }
     }
 
     fn retry_waiting(&mut self, device: &mut dyn Device, done: &mut VecDeque<IoCompletion>) {
@@ -857,6 +906,7 @@ impl VolumeCopy {
                 break;
             }
             let block = self.sealed.pop_front().expect("front exists");
+            self.vouched_before = self.vouched_before.max(block.vouches_before);
             self.block_pool.push(block.buf);
         }
         // Commit, strictly in op order.
@@ -923,8 +973,11 @@ impl VolumeCopy {
             self.committed_op = note.op;
             if !self.freed.is_empty() {
                 self.free_counter += 1;
+                // The next block sealed carries a `durable_before` above this note's blocks.
+                let vouching_seq = self.next_seq;
                 for piece in self.freed.drain(..) {
-                    self.limbo.push_back((self.free_counter, piece));
+                    self.limbo
+                        .push_back((self.free_counter, vouching_seq, piece));
                 }
             }
             note.pieces.clear();
@@ -948,8 +1001,8 @@ impl VolumeCopy {
             .map(|job| job.started_at)
             .min()
             .unwrap_or(u64::MAX);
-        while let Some(&(freed_at, piece)) = self.limbo.front() {
-            if freed_at > oldest_read {
+        while let Some(&(freed_at, vouching_seq, piece)) = self.limbo.front() {
+            if freed_at > oldest_read || vouching_seq >= self.vouched_before {
                 break;
             }
             self.limbo.pop_front();
@@ -1053,7 +1106,8 @@ impl VolumeCopy {
                 };
             }
             CheckpointPhase::AwaitDurable { end_seq } => {
-                if self.durable_before >= end_seq && !self.free_tags.is_empty() {
+                // Two slots: the open notes block, then the done block.
+                if self.durable_before >= end_seq && self.free_tags.len() >= 2 {
                     self.seal(device);
                     self.open_block_seq(BlockKind::CheckpointDone);
                     let open = self.open.as_mut().expect("just opened");

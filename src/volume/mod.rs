@@ -15,6 +15,8 @@ use bitflags::bitflags;
 
 pub mod copy;
 pub mod open;
+#[cfg(test)]
+mod sim;
 
 use std::fs::File;
 use std::os::fd::AsRawFd;

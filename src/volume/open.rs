@@ -102,7 +102,10 @@ pub fn open_copy(
             if preallocate_store && let Err(source) = preallocate(&file, superblock.store_bytes()) {
                 drop(file);
                 let _ = std::fs::remove_file(path);
-                return Err(error(Problem::Reserve { bytes: superblock.store_bytes(), source }));
+                return Err(error(Problem::Reserve {
+                    bytes: superblock.store_bytes(),
+                    source,
+                }));
             }
         }
         // A new store must not show stale journal blocks: they carry another volume id, which recovery
