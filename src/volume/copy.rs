@@ -10,8 +10,9 @@
 //! overwrites is freed once no read that could still be using it is in flight.
 //!
 //! Must never: make a note readable before it is durable, commit out of op order, acknowledge a write
-//! that failed or is not durable, reuse data space a committed extent or an in-flight read still uses,
-//! or overwrite journal blocks that recovery would still need.
+//! that failed or is not durable, reuse data space a committed extent or an in-flight read still uses
+//! (or before the block after its freeing commit is vouched for: see `vouched_before`), or overwrite
+//! journal blocks that recovery would still need.
 
 use std::collections::VecDeque;
 
