@@ -1,5 +1,6 @@
-"""Shared helpers for bench/nbd-compare and bench/idle-cpu: building, starting and stopping targets,
-reading a process's CPU time from /proc, describing the machine and updating one section of RESULTS.md.
+"""Shared helpers for bench/nbd-compare, bench/idle-cpu and bench/volume-compare: building, starting and
+stopping targets, reading a process's CPU time from /proc, describing the machine and the file system, and
+updating one section of RESULTS.md.
 
 Only processes started here are ever signalled, always by their own PID.
 """
@@ -24,6 +25,7 @@ RELEASE = os.path.join(ROOT, "target", "release")
 FERROBLOCK = os.path.join(RELEASE, "ferroblock")
 NBD_LOAD = os.path.join(RELEASE, "examples", "nbd-load")
 TCP_PINGPONG = os.path.join(RELEASE, "examples", "tcp-pingpong")
+VOLUME_BENCH = os.path.join(RELEASE, "examples", "volume-bench")
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 # Every process started through this module, so that an interrupted run can clean up after itself.
@@ -156,14 +158,19 @@ def strip_ansi(text):
     return re.sub(r"\x1b\[[0-9;]*m", "", text)
 
 
-def start_ferroblock(poll, cpus, log_dir, size="1G", extra=(), name=None, cores=None):
+def start_ferroblock(poll, cpus, log_dir, size="1G", extra=(), name=None, cores=None, backend="memory"):
     """ferroblock serve on a system-chosen port; waits for its 'serving nbd://...' line.
 
     `cpus` (e.g. "0") is both the taskset mask and, unless `cores` says otherwise, the --cores list, so
-    every thread of the process (reactors, signal thread, main) stays on the target's core(s)."""
+    every thread of the process (reactors, signal thread, main) stays on the target's core(s). `backend`
+    "file" (with e.g. `extra=["--data-dir", DIR]`) serves a persistent volume."""
     name = name or f"ferroblock-{poll}"
-    argv = taskset(cpus) + [
-        FERROBLOCK, "serve", "--listen", "127.0.0.1:0", "--backend", "memory", "--size", size,
+    # A persistent volume's fsyncs and dsync writes run on io_uring's kernel workers, which ferroblock
+    # places on cores without reactors: confining the whole process with taskset would put them back on
+    # the reactor's core, where a busy-polling reactor starves them. --cores still pins the reactors.
+    confine = [] if backend == "file" else taskset(cpus)
+    argv = confine + [
+        FERROBLOCK, "serve", "--listen", "127.0.0.1:0", "--backend", backend, "--size", size,
         "--poll", poll,
     ]
     cores = cpus if cores is None else cores
@@ -196,8 +203,9 @@ def start_ferroblock(poll, cpus, log_dir, size="1G", extra=(), name=None, cores=
     return target
 
 
-def start_nbdkit(cpus, log_dir, size="1G", threads=None, name="nbdkit"):
-    """nbdkit -f memory SIZE on a free port; waits for its pid file (written once it listens)."""
+def start_nbdkit(cpus, log_dir, size="1G", threads=None, name="nbdkit", plugin=None):
+    """nbdkit -f memory SIZE (or the plugin and arguments in `plugin`, e.g. ["file", PATH, "cache=none"])
+    on a free port; waits for its pid file (written once it listens)."""
     port = free_port()
     pidfile = os.path.join(log_dir, f"{name}.pid")
     if os.path.exists(pidfile):
@@ -205,7 +213,7 @@ def start_nbdkit(cpus, log_dir, size="1G", threads=None, name="nbdkit"):
     argv = taskset(cpus) + ["nbdkit", "-f", "--exit-with-parent", "-i", "127.0.0.1", "-p", str(port), "-P", pidfile]
     if threads:
         argv += ["-t", str(threads)]
-    argv += ["memory", size]
+    argv += list(plugin) if plugin else ["memory", size]
     log_path = os.path.join(log_dir, f"{name}.log")
     target = Target(name, "nbdkit", argv, log_path)
     with open(log_path, "w") as stderr:
@@ -225,6 +233,42 @@ def start_nbdkit(cpus, log_dir, size="1G", threads=None, name="nbdkit"):
         raise RuntimeError(f"nbdkit exited at start: {' '.join(argv)}\n{target.log_tail()}")
     target.uri = f"nbd://127.0.0.1:{port}/"
     return target
+
+
+def start_qemu_nbd(cpus, log_dir, path, name="qemu-nbd", export="vol0", extra=("--cache=none", "--aio=io_uring")):
+    """qemu-nbd -f raw EXTRA -x EXPORT -b 127.0.0.1 -p PORT -t --pid-file PIDFILE PATH on a free port;
+    waits for its pid file and for the port to accept a connection (-t: the probe does not end it)."""
+    port = free_port()
+    pidfile = os.path.join(log_dir, f"{name}.pid")
+    if os.path.exists(pidfile):
+        os.unlink(pidfile)
+    argv = taskset(cpus) + ["qemu-nbd", "-f", "raw", *extra, "-x", export, "-b", "127.0.0.1", "-p", str(port),
+                            "-t", "--pid-file", pidfile, path]
+    log_path = os.path.join(log_dir, f"{name}.log")
+    target = Target(name, "qemu-nbd", argv, log_path)
+    with open(log_path, "w") as stderr:
+        target.proc = subprocess.Popen(argv, stdout=stderr, stderr=stderr, stdin=subprocess.DEVNULL)
+    _STARTED.append(target)
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline:
+        if target.proc.poll() is not None:
+            raise RuntimeError(f"qemu-nbd exited at start: {' '.join(argv)}\n{target.log_tail()}")
+        if os.path.exists(pidfile) and os.path.getsize(pidfile) > 0 and port_accepts(port):
+            break
+        time.sleep(0.05)
+    else:
+        target.stop()
+        raise RuntimeError(f"qemu-nbd did not start: {' '.join(argv)}\n{target.log_tail()}")
+    target.uri = f"nbd://127.0.0.1:{port}/{export}"
+    return target
+
+
+def port_accepts(port, host="127.0.0.1"):
+    try:
+        with socket.create_connection((host, port), timeout=1):
+            return True
+    except OSError:
+        return False
 
 
 def stop_all():
@@ -385,6 +429,107 @@ def machine_description():
         ("rustc", _run(["rustc", "--version"])),
         ("ferroblock source", f"git {revision}" + (" + uncommitted changes in src/" if dirty.strip() else "")),
     ]
+
+
+def file_system_description(path):
+    """Key/value pairs for the file system holding `path`: type, device, mount options, the block device's
+    write cache / FUA / rotational flags, and free space."""
+    df = _run(["df", "-T", "-B1", path]).splitlines()
+    fs_type = device = "?"
+    free = None
+    if len(df) >= 2:
+        fields = df[-1].split()
+        if len(fields) >= 7:
+            device, fs_type = fields[0], fields[1]
+            free = int(fields[4]) if fields[4].isdigit() else None
+    options = "?"
+    try:
+        best = ""
+        with open("/proc/mounts") as handle:
+            for line in handle:
+                parts = line.split()
+                if len(parts) >= 4 and (os.path.abspath(path) + "/").startswith(parts[1].rstrip("/") + "/") \
+                        and len(parts[1]) >= len(best):
+                    best, options = parts[1], parts[3]
+    except OSError:
+        pass
+    queue = {}
+    base = os.path.basename(os.path.realpath(device)) if device.startswith("/dev/") else ""
+    for candidate in (base, re.sub(r"p?\d+$", "", base)):
+        directory = f"/sys/block/{candidate}/queue"
+        if candidate and os.path.isdir(directory):
+            for key in ("write_cache", "fua", "rotational", "scheduler"):
+                try:
+                    with open(os.path.join(directory, key)) as handle:
+                        queue[key] = handle.read().strip()
+                except OSError:
+                    pass
+            break
+    device_text = device
+    if queue:
+        device_text += " (" + ", ".join(f"{key} {value}" for key, value in queue.items()) + ")"
+    return {
+        "fs_type": fs_type,
+        "device": device_text,
+        "mount_options": options,
+        "free_bytes": free,
+    }
+
+
+def allocated_bytes(path):
+    """Disk space actually allocated (st_blocks) under a directory tree or for one file."""
+    total = 0
+    if os.path.isfile(path):
+        return os.stat(path).st_blocks * 512
+    for directory, _, files in os.walk(path):
+        for name in files:
+            try:
+                total += os.lstat(os.path.join(directory, name)).st_blocks * 512
+            except OSError:
+                pass
+    return total
+
+
+def zero_fill(path, start, end, chunk=1 << 20):
+    """Writes zeros over bytes [start, end) of `path` with O_DIRECT, then fdatasync: blocks that read as
+    zeros already (reserved with fallocate, i.e. "unwritten" extents on ext4/xfs) keep their content but
+    become written, so that later writes no longer convert extents (a file system journal commit at the
+    next sync). `start` and `end` must be multiples of 4096."""
+    import mmap
+    if start % 4096 or end % 4096:
+        raise ValueError("zero_fill needs 4096-aligned bounds")
+    buffer = mmap.mmap(-1, chunk)  # page-aligned, zeroed
+    view = memoryview(buffer)
+    fd = os.open(path, os.O_WRONLY | os.O_DIRECT)
+    try:
+        offset = start
+        while offset < end:
+            length = min(chunk, end - offset)
+            written = os.pwrite(fd, view[:length], offset)
+            if written <= 0:
+                raise OSError(f"short write at {offset} of {path}")
+            offset += written
+        os.fdatasync(fd)
+    finally:
+        os.close(fd)
+        view.release()
+        buffer.close()
+
+
+def wait_quiet(max_wait, percent):
+    """Waits (up to `max_wait` s) until the rest of the machine uses less than `percent` of a core;
+    returns the seconds waited and the last load seen (None if not waiting at all)."""
+    if max_wait <= 0:
+        return 0.0, None
+    started = time.monotonic()
+    while True:
+        sampler = CpuSampler({})
+        sampler.start()
+        time.sleep(0.5)
+        load = sampler.stop()["other"]
+        waited = time.monotonic() - started
+        if load < percent or waited >= max_wait:
+            return waited, load
 
 
 def now_utc():

@@ -141,6 +141,15 @@ pub fn serve(config: ServeConfig) -> Result<(), ServeError> {
     let mailboxes: Arc<[Mailbox]> = Arc::from(mailboxes);
     let shutdown = Arc::new(Shutdown::new());
 
+    // The kernel's io_uring workers (fsync, dsync writes) go to cores without reactors when there are
+    // any, else anywhere: never only onto a reactor's own core, where busy polling would starve them.
+    let allowed = crate::config::available_cores();
+    let free: Vec<usize> = allowed
+        .iter()
+        .copied()
+        .filter(|core| !config.cores.contains(core))
+        .collect();
+    let worker_cpus = if free.is_empty() { allowed } else { free };
     let mut volume = Some(volume);
     let mut handles = Vec::with_capacity(reactors);
     for (id, poll) in polls.into_iter().enumerate() {
@@ -163,6 +172,7 @@ pub fn serve(config: ServeConfig) -> Result<(), ServeError> {
             mailboxes: mailboxes.clone(),
             shutdown: shutdown.clone(),
             metrics: metrics.clone(),
+            worker_cpus: worker_cpus.clone(),
         };
         let reactor = Reactor::new(setup).map_err(|source| ServeError::Reactor {
             reactor: id,

@@ -42,6 +42,31 @@ impl Uring {
         })
     }
 
+    /// Lets the kernel's io-wq workers (which run what cannot complete inline, such as fsync and
+    /// RWF_DSYNC writes on most file systems) use `cpus`. Without it they inherit the pinned reactor's
+    /// single core, where a busy-polling reactor starves them: a group commit then waits for the
+    /// scheduler to preempt the reactor (milliseconds).
+    /// Must be called from the thread that submits (io-wq is per thread); it submits a no-op first so
+    /// that the thread's io-wq exists.
+    pub fn set_worker_cpus(&mut self, cpus: &[usize]) -> io::Result<()> {
+        let nop = io_uring::opcode::Nop::new().build().user_data(u64::MAX);
+        // SAFETY: a no-op references no memory.
+        if unsafe { self.ring.submission().push(&nop) }.is_ok() {
+            self.ring.submit_and_wait(1)?;
+            // Consume the no-op's completion so that nobody mistakes it for a real one.
+            let mut completion = self.ring.completion();
+            completion.sync();
+            for _ in &mut completion {}
+        }
+        // SAFETY: cpu_set_t is plain data; CPU_ZERO/CPU_SET only write inside it.
+        let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+        for &cpu in cpus {
+            // SAFETY: as above; CPU_SET ignores CPU numbers beyond the set's size.
+            unsafe { libc::CPU_SET(cpu, &mut set) };
+        }
+        self.ring.submitter().register_iowq_aff(&set)
+    }
+
     /// The descriptor that becomes readable when completions are posted.
     pub fn eventfd(&self) -> RawFd {
         self.eventfd.as_raw_fd()

@@ -102,6 +102,8 @@ pub struct ReactorSetup {
     pub mailboxes: Arc<[Mailbox]>,
     pub shutdown: Arc<Shutdown>,
     pub metrics: Arc<Metrics>,
+    /// Cores for the kernel's io-wq workers of this reactor's ring (see `Uring::set_worker_cpus`).
+    pub worker_cpus: Vec<usize>,
 }
 
 /// Routes requests to their volume's owner and completions back to their connection's reactor.
@@ -257,6 +259,7 @@ pub struct Reactor {
     draining: bool,
     counted_drained: bool,
     metrics: Arc<Metrics>,
+    worker_cpus: Vec<usize>,
     /// Loop accounting gathered locally and published now and then (atomics are not free).
     pending_iterations: u64,
     pending_busy_ns: u64,
@@ -311,6 +314,7 @@ impl Reactor {
             draining: false,
             counted_drained: false,
             metrics: setup.metrics,
+            worker_cpus: setup.worker_cpus,
             pending_iterations: 0,
             pending_busy_ns: 0,
             pending_idle_ns: 0,
@@ -327,6 +331,10 @@ impl Reactor {
                 core = core.id,
                 "could not pin the reactor to its core"
             );
+        }
+        // io-wq belongs to the submitting thread: set its affinity from here, after pinning.
+        if let Err(error) = self.router.uring.set_worker_cpus(&self.worker_cpus) {
+            tracing::warn!(%error, "cannot set io_uring worker affinity: blocking IO shares the reactor's core");
         }
         let mut events = Events::with_capacity(EVENTS_PER_POLL);
         let mut last_work = Instant::now();
