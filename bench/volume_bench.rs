@@ -3,10 +3,16 @@
 //! directly with `fio --ioengine=io_uring --direct=1` on the same file system.
 //!
 //! cargo run --release --example volume-bench -- --path /var/tmp/v.fbv --size 1G --rw randwrite \
-//!     --bs 4096 --qd 32 --seconds 10 [--durability fdatasync|dsync] [--ops N] [--prefill] [--recover]
+//!     --bs 4096 --qd 32 --seconds 10 [--ramp 0] [--durability fdatasync|dsync] [--ops N] [--prefill]
+//!     [--recover]
 //!
 //! Prints one JSON object: iops, mean/p50/p99 latency, write amplification (device bytes written per
-//! host byte), syncs per write, and with --recover the time to reopen (recover) the store afterwards.
+//! host byte), syncs per write, checkpoints taken, the journal's size, and with --recover the time to
+//! reopen (recover) the store afterwards and how many journal blocks that recovery replayed.
+//!
+//! --ramp runs the workload that many seconds first, unmeasured (like fio's --ramp_time); --ops counts
+//! only measured operations. --prefill first writes the whole volume once, sequentially, in 1 MiB writes
+//! at QD 8 (whatever --bs and --qd say), unmeasured.
 
 use std::collections::VecDeque;
 use std::path::PathBuf;
@@ -26,6 +32,7 @@ struct Options {
     block: u32,
     queue_depth: usize,
     seconds: f64,
+    ramp: f64,
     ops: u64,
     durability: Durability,
     prefill: bool,
@@ -40,6 +47,7 @@ fn parse() -> Options {
         block: 4096,
         queue_depth: 1,
         seconds: 10.0,
+        ramp: 0.0,
         ops: u64::MAX,
         durability: Durability::Fdatasync,
         prefill: false,
@@ -62,6 +70,7 @@ fn parse() -> Options {
             }
             "--qd" => options.queue_depth = value().parse().expect("--qd"),
             "--seconds" => options.seconds = value().parse().expect("--seconds"),
+            "--ramp" => options.ramp = value().parse().expect("--ramp"),
             "--ops" => options.ops = value().parse().expect("--ops"),
             "--durability" => {
                 options.durability = if value() == "dsync" {
@@ -114,31 +123,35 @@ fn main() {
     let mut uring = Uring::new().expect("io_uring");
     let mut done: VecDeque<IoCompletion> = VecDeque::new();
     let mut completions: Vec<(u64, i32)> = Vec::with_capacity(1024);
-    let blocks = options.size / u64::from(options.block);
     let mut random = Random(0x9e37_79b9_7f4a_7c15);
     let mut histogram = hdrhistogram::Histogram::<u64>::new(3).expect("histogram");
 
     let mut run = |copy: &mut ferroblock::volume::copy::VolumeCopy,
                    kind: IoKind,
+                   block_bytes: u32,
+                   queue_depth: usize,
                    sequential: bool,
                    limit_ops: u64,
                    limit: Duration,
                    record: bool|
      -> (u64, f64) {
-        let mut free: Vec<(AlignedBuf, u16)> = (0..options.queue_depth)
+        let blocks = options.size / u64::from(block_bytes);
+        let mut free: Vec<(AlignedBuf, u16)> = (0..queue_depth)
             .map(|slot| {
-                let mut buf = AlignedBuf::with_capacity(options.block as usize);
-                buf.set_len(options.block as usize);
+                let mut buf = AlignedBuf::with_capacity(block_bytes as usize);
+                buf.set_len(block_bytes as usize);
                 buf.as_mut_slice().fill(slot as u8 ^ 0x5a);
                 (buf, slot as u16)
             })
             .collect();
-        let mut started_at = vec![Instant::now(); options.queue_depth];
+        let mut started_at = vec![Instant::now(); queue_depth];
         let start = Instant::now();
         let (mut issued, mut finished, mut next_block) = (0u64, 0u64, 0u64);
         loop {
             let elapsed = start.elapsed();
-            let more = issued < limit_ops && elapsed < limit;
+            // A sequential pass ends at the end of the volume (not only at its op or time limit).
+            let more =
+                issued < limit_ops && elapsed < limit && !(sequential && next_block >= blocks);
             while more && !free.is_empty() && issued < limit_ops {
                 let (buf, slot) = free.pop().expect("free slot");
                 let block = if sequential {
@@ -156,8 +169,8 @@ fn main() {
                     volume: 0,
                     kind,
                     flags: IoFlags::empty(),
-                    offset: block * u64::from(options.block),
-                    length: options.block,
+                    offset: block * u64::from(block_bytes),
+                    length: block_bytes,
                     buf,
                     origin: Origin {
                         reactor: 0,
@@ -217,33 +230,60 @@ fn main() {
         }
     };
 
+    // 1 MiB at QD 8: a QD1 4 KiB prefill of a 1 GiB volume is 262144 durable writes, minutes of them.
+    let prefill_started = Instant::now();
     if options.prefill {
         run(
             &mut copy,
             IoKind::Write,
+            1 << 20,
+            8,
             true,
             u64::MAX,
             Duration::from_secs(3600),
             false,
         );
     }
-    let before = copy.stats();
     let kind = if options.write {
         IoKind::Write
     } else {
         IoKind::Read
     };
     let limit = Duration::from_secs_f64(options.seconds);
-    let (operations, seconds) = run(&mut copy, kind, false, options.ops, limit, true);
+    let prefill_seconds = prefill_started.elapsed().as_secs_f64();
+    if options.ramp > 0.0 {
+        run(
+            &mut copy,
+            kind,
+            options.block,
+            options.queue_depth,
+            false,
+            u64::MAX,
+            Duration::from_secs_f64(options.ramp),
+            false,
+        );
+    }
+    let before = copy.stats();
+    let (operations, seconds) = run(
+        &mut copy,
+        kind,
+        options.block,
+        options.queue_depth,
+        false,
+        options.ops,
+        limit,
+        true,
+    );
     let after = copy.stats();
     let host_bytes = operations * u64::from(options.block);
     let device_bytes = (after.data_bytes_written - before.data_bytes_written)
         + (after.journal_bytes_written - before.journal_bytes_written);
     let committed_op = after.committed_op;
+    let journal_bytes = copy.superblock().journal_bytes;
     drop(copy);
     drop(opened.file);
 
-    let recovery_ms = options.recover.then(|| {
+    let recovery = options.recover.then(|| {
         let start = Instant::now();
         let reopened = open_copy(
             &options.path,
@@ -259,12 +299,23 @@ fn main() {
             committed_op,
             "recovery reaches the last commit"
         );
-        start.elapsed().as_secs_f64() * 1000.0
+        let elapsed_ms = start.elapsed().as_secs_f64() * 1000.0;
+        drop(reopened);
+        // Not timed: a second recovery of the same (unchanged) store, for how much journal it replays.
+        let superblock = reopened_superblock(&options.path);
+        let reader = std::fs::File::open(&options.path).expect("open for the replay count");
+        let mut read_at = |address: u64, buffer: &mut [u8]| {
+            std::os::unix::fs::FileExt::read_exact_at(&reader, buffer, address)
+        };
+        let recovered = ferroblock::journal::recovery::recover(&superblock, &mut read_at)
+            .unwrap_or_else(|error| panic!("{error}"));
+        (elapsed_ms, recovered.blocks_replayed)
     });
     println!(
         "{{\"rw\":\"{}\",\"bs\":{},\"qd\":{},\"durability\":\"{:?}\",\"ops\":{},\"iops\":{:.0},\"mean_us\":{:.1},\
          \"p50_us\":{:.1},\"p99_us\":{:.1},\"write_amplification\":{:.3},\"syncs_per_write\":{:.3},\
-         \"committed_op\":{},\"recovery_ms\":{}}}",
+         \"committed_op\":{},\"checkpoints\":{},\"journal_bytes\":{},\"prefill_seconds\":{:.1},\
+         \"recovery_ms\":{},\"recovery_journal_blocks\":{}}}",
         if options.write {
             "randwrite"
         } else {
@@ -289,6 +340,24 @@ fn main() {
             0.0
         },
         committed_op,
-        recovery_ms.map_or("null".to_string(), |ms| format!("{ms:.1}")),
+        after.checkpoints - before.checkpoints,
+        journal_bytes,
+        if options.prefill {
+            prefill_seconds
+        } else {
+            0.0
+        },
+        recovery.map_or("null".to_string(), |(ms, _)| format!("{ms:.1}")),
+        recovery.map_or("null".to_string(), |(_, blocks)| blocks.to_string()),
     );
+}
+
+/// The superblock of the store at `path` (first sector).
+fn reopened_superblock(path: &std::path::Path) -> ferroblock::journal::superblock::Superblock {
+    let reader = std::fs::File::open(path).expect("open the store");
+    let mut sector = [0u8; ferroblock::journal::superblock::SUPERBLOCK_BYTES];
+    std::os::unix::fs::FileExt::read_exact_at(&reader, &mut sector, 0)
+        .expect("read the superblock");
+    ferroblock::journal::superblock::Superblock::decode(&sector)
+        .unwrap_or_else(|error| panic!("{error:?}"))
 }

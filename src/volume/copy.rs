@@ -190,6 +190,8 @@ pub struct VolumeCopy {
     failed: Option<VolumeError>,
     block_pool: Vec<AlignedBuf>,
     piece_pool: Vec<Vec<Piece>>,
+    /// Reused lookup results, so that reads and block status allocate nothing in steady state.
+    mapping_pool: Vec<Vec<Mapping>>,
     freed: Vec<Piece>,
     /// Never written to after allocation: the kernel may read it at any time.
     zeros: AlignedBuf,
@@ -241,6 +243,7 @@ impl VolumeCopy {
             failed: None,
             block_pool: Vec::new(),
             piece_pool: Vec::new(),
+            mapping_pool: Vec::new(),
             freed: Vec::new(),
             zeros: AlignedBuf::empty(),
             stats: CopyStats::default(),
@@ -479,7 +482,8 @@ impl VolumeCopy {
         if self.free_tags.is_empty() {
             return Err(request);
         }
-        let mut mappings = Vec::new();
+        let mut mappings = self.mapping_pool.pop().unwrap_or_default();
+        mappings.clear();
         self.map
             .lookup(request.offset, u64::from(request.length), &mut mappings);
         // Holes and zero extents are filled now; data pieces are read by the device.
@@ -508,6 +512,7 @@ impl VolumeCopy {
             )
         });
         if mappings.is_empty() {
+            self.mapping_pool.push(mappings);
             let length = request.length;
             done.push_back(IoCompletion {
                 origin: request.origin,
@@ -551,6 +556,7 @@ impl VolumeCopy {
                 if job.pending == 0 {
                     let job = self.reads[id as usize].take().expect("live read job");
                     self.free_reads.push(id);
+                    self.mapping_pool.push(job.mappings);
                     let result = match job.error {
                         Some(error) => Err(error),
                         None => Ok(job.request.length),
@@ -597,11 +603,12 @@ impl VolumeCopy {
         request.buf.set_len(
             if one { 1 } else { EXTENTS_PER_REPLY_MAX } * crate::volume::EXTENT_RECORD_LEN,
         );
-        let mut mappings = Vec::new();
+        let mut mappings = self.mapping_pool.pop().unwrap_or_default();
+        mappings.clear();
         self.map
             .lookup(request.offset, u64::from(request.length), &mut mappings);
         let mut count = 0u32;
-        for mapping in mappings {
+        for &mapping in &mappings {
             let (length, flags) = match mapping {
                 Mapping::Hole { length, .. } => (length, EXTENT_HOLE | EXTENT_ZERO),
                 Mapping::Mapped(Extent {
@@ -615,6 +622,7 @@ impl VolumeCopy {
                 break;
             }
         }
+        self.mapping_pool.push(mappings);
         count
     }
 
