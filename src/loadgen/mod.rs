@@ -204,6 +204,52 @@ pub struct IntervalHistogram {
     pub histogram: Histogram<u64>,
 }
 
+/// One connection's latencies for the current one-second interval; each finished interval goes to the
+/// report thread (for `--hist`). Shared by the NBD and the io_uring targets.
+pub struct IntervalRecorder<'a> {
+    intervals: &'a mpsc::Sender<IntervalHistogram>,
+    histogram: Histogram<u64>,
+    index: u64,
+}
+
+impl<'a> IntervalRecorder<'a> {
+    pub fn new(
+        intervals: &'a mpsc::Sender<IntervalHistogram>,
+    ) -> Result<IntervalRecorder<'a>, BenchError> {
+        Ok(IntervalRecorder {
+            intervals,
+            histogram: new_histogram()?,
+            index: 0,
+        })
+    }
+
+    /// Records an op that started at `started` and completed at `done_at`.
+    pub fn record(&mut self, clock: &RunClock, started: Instant, done_at: Instant) {
+        let index_now = clock.interval_index(done_at);
+        if index_now != self.index {
+            self.send();
+            self.histogram.reset();
+            self.index = index_now;
+        }
+        let latency_ns = done_at.saturating_duration_since(started).as_nanos();
+        self.histogram.saturating_record((latency_ns as u64).max(1));
+    }
+
+    /// Sends the last, partial interval.
+    pub fn finish(self) {
+        self.send();
+    }
+
+    fn send(&self) {
+        if !self.histogram.is_empty() {
+            let _ = self.intervals.send(IntervalHistogram {
+                index: self.index,
+                histogram: self.histogram.clone(),
+            });
+        }
+    }
+}
+
 /// Completed operations and bytes over all connections, for the progress line.
 #[derive(Default)]
 pub struct Progress {

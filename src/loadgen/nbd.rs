@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use super::ops::OpPicker;
 use super::verify;
 use super::workload::{PollMode, Workload, WorkloadError};
-use super::{BenchError, IntervalHistogram, Progress, RunClock, new_histogram};
+use super::{BenchError, IntervalHistogram, IntervalRecorder, Progress, RunClock};
 use crate::frontend::nbd::proto::{
     self, ClientFlags, CommandFlags, HandshakeFlags, IHAVEOPT, NBDMAGIC, OPTION_REPLY_MAGIC,
     REQUEST_HEADER_LEN, RequestHeader, SIMPLE_REPLY_MAGIC, TransmissionFlags, be_u16, be_u32,
@@ -266,8 +266,7 @@ pub fn run(
     let mut input = vec![0u8; input_capacity];
     let (mut input_start, mut input_end) = (0usize, 0usize);
     let mut in_flight = 0usize;
-    let mut interval_histogram = new_histogram()?;
-    let mut interval_index = 0u64;
+    let mut recorder = IntervalRecorder::new(intervals)?;
     let mut totals = ConnectionTotals::default();
     let mut last_progress = start;
 
@@ -438,19 +437,7 @@ pub fn run(
                 completed_ops += 1;
                 completed_bytes += u64::from(slot.length);
 
-                let index_now = clock.interval_index(done_at);
-                if index_now != interval_index {
-                    if !interval_histogram.is_empty() {
-                        let _ = intervals.send(IntervalHistogram {
-                            index: interval_index,
-                            histogram: interval_histogram.clone(),
-                        });
-                    }
-                    interval_histogram.reset();
-                    interval_index = index_now;
-                }
-                let latency_ns = done_at.saturating_duration_since(slot.started).as_nanos();
-                interval_histogram.saturating_record((latency_ns as u64).max(1));
+                recorder.record(clock, slot.started, done_at);
             }
         }
         if completed_ops > 0 {
@@ -482,12 +469,7 @@ pub fn run(
             wait_ready(fd, events, timeout).map_err(BenchError::Io)?;
         }
     }
-    if !interval_histogram.is_empty() {
-        let _ = intervals.send(IntervalHistogram {
-            index: interval_index,
-            histogram: interval_histogram,
-        });
-    }
+    recorder.finish();
     // Polite goodbye: NBD_CMD_DISC, then close.
     let disconnect = RequestHeader {
         flags: CommandFlags::empty(),

@@ -20,7 +20,7 @@ use super::nbd::{ConnectionTotals, ERROR_REPORTS_MAX};
 use super::ops::OpPicker;
 use super::verify;
 use super::workload::{PollMode, Workload};
-use super::{BenchError, IntervalHistogram, Progress, RunClock, new_histogram};
+use super::{BenchError, IntervalHistogram, IntervalRecorder, Progress, RunClock};
 use crate::io::AlignedBuf;
 use crate::io::uring::Uring;
 
@@ -116,8 +116,7 @@ pub fn run(
         return Ok(ConnectionTotals::default());
     };
     let mut picker = OpPicker::new(workload, index, region, start);
-    let mut interval_histogram = new_histogram()?;
-    let mut interval_index = 0u64;
+    let mut recorder = IntervalRecorder::new(intervals)?;
     let mut totals = ConnectionTotals::default();
     let mut last_progress = start;
 
@@ -248,31 +247,14 @@ pub fn run(
             }
             totals.bytes += u64::from(slot.length);
             completed_bytes += u64::from(slot.length);
-            let index_now = clock.interval_index(done_at);
-            if index_now != interval_index {
-                if !interval_histogram.is_empty() {
-                    let _ = intervals.send(IntervalHistogram {
-                        index: interval_index,
-                        histogram: interval_histogram.clone(),
-                    });
-                }
-                interval_histogram.reset();
-                interval_index = index_now;
-            }
-            let latency_ns = done_at.saturating_duration_since(slot.started).as_nanos();
-            interval_histogram.saturating_record((latency_ns as u64).max(1));
+            recorder.record(clock, slot.started, done_at);
         }
         progress
             .ops
             .fetch_add(completions.len() as u64, Ordering::Relaxed);
         progress.bytes.fetch_add(completed_bytes, Ordering::Relaxed);
     }
-    if !interval_histogram.is_empty() {
-        let _ = intervals.send(IntervalHistogram {
-            index: interval_index,
-            histogram: interval_histogram,
-        });
-    }
+    recorder.finish();
     Ok(totals)
 }
 
