@@ -7,6 +7,7 @@
 
 pub mod alloc;
 pub mod btree;
+pub mod cluster;
 pub mod config;
 pub mod frontend;
 pub mod io;
@@ -15,5 +16,6 @@ pub mod loadgen;
 pub mod metrics;
 pub mod plot;
 pub mod reactor;
+pub mod replication;
 pub mod server;
 pub mod volume;
