@@ -18,4 +18,6 @@ pub mod plot;
 pub mod reactor;
 pub mod replication;
 pub mod server;
+#[cfg(test)]
+mod sim_rng;
 pub mod volume;

@@ -11,3 +11,6 @@
 //! mastership and, when paired, a lease renewed by the slave.
 
 pub mod message;
+pub mod peer;
+#[cfg(test)]
+mod sim;

@@ -67,6 +67,7 @@
 //!
 //! Bugs this found are listed with their seeds in `simulated_power_cuts_regressions`.
 
+use crate::sim_rng::{GOLDEN_GAMMA, Rng, mix};
 use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::io;
 use std::panic::{self, AssertUnwindSafe};
@@ -106,58 +107,6 @@ const READ_POISON: u8 = 0xA5;
 
 // ---------------------------------------------------------------------------------------------------
 // Randomness.
-
-const GOLDEN_GAMMA: u64 = 0x9E37_79B9_7F4A_7C15;
-
-fn mix(mut z: u64) -> u64 {
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    z ^ (z >> 31)
-}
-
-/// splitmix64: small, fast, and good enough to drive a simulation.
-#[derive(Debug, Clone)]
-struct Rng {
-    state: u64,
-}
-
-impl Rng {
-    fn new(seed: u64) -> Rng {
-        Rng {
-            state: mix(seed ^ 0x5EED_F00D_0000_0000),
-        }
-    }
-
-    fn next_u64(&mut self) -> u64 {
-        self.state = self.state.wrapping_add(GOLDEN_GAMMA);
-        mix(self.state)
-    }
-
-    /// Uniform in `[0, bound)`.
-    fn below(&mut self, bound: u64) -> u64 {
-        assert!(bound > 0);
-        self.next_u64() % bound
-    }
-
-    /// Uniform in `[low, high]`.
-    fn between(&mut self, low: u64, high: u64) -> u64 {
-        assert!(low <= high);
-        low + self.below(high - low + 1)
-    }
-
-    fn chance(&mut self, numerator: u64, denominator: u64) -> bool {
-        self.below(denominator) < numerator
-    }
-
-    fn pick<T: Copy>(&mut self, choices: &[T]) -> T {
-        choices[self.below(choices.len() as u64) as usize]
-    }
-
-    /// An independent stream, so that one concern drawing more numbers does not shift another's.
-    fn fork(&mut self) -> Rng {
-        Rng::new(self.next_u64())
-    }
-}
 
 // ---------------------------------------------------------------------------------------------------
 // Recognisable data.
