@@ -39,6 +39,10 @@ pub enum Command {
     Bench(crate::loadgen::BenchArgs),
     /// Draw `bench --hist` interval logs: latency by percentile and IOPS over time, as SVG and PNG.
     Plot(crate::plot::PlotArgs),
+    /// Set up a replicated cluster (`cluster init`).
+    Cluster(crate::cluster::command::ClusterArgs),
+    /// Show each volume's epoch and, per peer, its role, op number, commit watermark and lag.
+    Status(crate::cluster::command::StatusArgs),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -113,6 +117,15 @@ pub struct ServeArgs {
     /// Serve Prometheus metrics at http://HOST:PORT/metrics [default: off].
     #[arg(long, value_parser = parse_listen)]
     pub metrics: Option<SocketAddr>,
+
+    /// Cluster configuration (cluster.toml): serve as node --node of this cluster, with replicated
+    /// volumes. Needs --node.
+    #[arg(long, value_name = "FILE", requires = "node")]
+    pub config: Option<PathBuf>,
+
+    /// This node's id in the --config cluster. Needs --config.
+    #[arg(long, value_name = "ID", requires = "config")]
+    pub node: Option<String>,
 }
 
 /// A validated, de-duplicated list of core ids.

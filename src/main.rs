@@ -1,7 +1,7 @@
 use std::process::ExitCode;
 
 use clap::Parser;
-use ferroblock::config::{Cli, Command};
+use ferroblock::config::{Cli, Command, ServeArgs};
 
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
@@ -12,6 +12,25 @@ fn main() -> ExitCode {
         .init();
     let cli = Cli::parse();
     match cli.command {
+        // clap lets --config and --node come only together.
+        Command::Serve(ServeArgs {
+            config: Some(config),
+            node: Some(node),
+            ..
+        }) => match ferroblock::cluster::command::load_serve_node(&config, &node) {
+            Err(error) => {
+                eprintln!("ferroblock: {error}");
+                ExitCode::from(2)
+            }
+            Ok(_cluster) => {
+                eprintln!(
+                    "ferroblock: replicated serving is not wired yet (node {node} of {}); \
+                         serve without --config/--node for a single-node volume",
+                    config.display()
+                );
+                ExitCode::from(1)
+            }
+        },
         Command::Serve(args) => match ferroblock::server::serve(args.into_config()) {
             Ok(()) => ExitCode::SUCCESS,
             Err(error) => {
@@ -21,5 +40,7 @@ fn main() -> ExitCode {
         },
         Command::Bench(args) => ferroblock::loadgen::run(args),
         Command::Plot(args) => ferroblock::plot::run(args),
+        Command::Cluster(args) => ferroblock::cluster::command::run_cluster(args),
+        Command::Status(args) => ferroblock::cluster::command::run_status(args),
     }
 }

@@ -1,18 +1,20 @@
 //! Live counters and latency histograms, and their Prometheus text exposition.
 //!
 //! Owns: per-volume request counts, bytes, errors, in-flight gauge, latency histograms and op numbers;
-//! per-reactor loop iterations and busy/idle time; the `--metrics` HTTP endpoint. Writers are the
-//! reactors (relaxed atomic adds: no locks, no allocation on the IO path); the reader is the endpoint's
-//! own thread. Must never: block a reactor, or let a scraper's bytes do anything but get a page or an
-//! error.
+//! per-reactor loop iterations and busy/idle time; the `--metrics` HTTP endpoint, which also serves a
+//! node's replication state at `/status` (JSON, from an attached `cluster::status::StatusBoard`).
+//! Writers are the reactors (relaxed atomic adds: no locks, no allocation on the IO path); the reader is
+//! the endpoint's own thread. Must never: block a reactor, or let a scraper's bytes do anything but get
+//! a page or an error.
 
 use std::fmt::Write as _;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
+use crate::cluster::status::StatusBoard;
 use crate::volume::IoKind;
 
 /// Histogram buckets: upper bounds 2^10 ns (~1 µs) .. 2^32 ns (~4.3 s), then +Inf.
@@ -160,6 +162,8 @@ pub struct ReactorMetrics {
 pub struct Metrics {
     pub volumes: Vec<VolumeMetrics>,
     pub reactors: Vec<ReactorMetrics>,
+    /// The node's replication state for `/status`, once a replicated server attached it.
+    status: OnceLock<Arc<StatusBoard>>,
 }
 
 impl Metrics {
@@ -170,7 +174,26 @@ impl Metrics {
                 .map(|name| VolumeMetrics::new(name))
                 .collect(),
             reactors: (0..reactors).map(|_| ReactorMetrics::default()).collect(),
+            status: OnceLock::new(),
         }
+    }
+
+    /// Serves `board`'s snapshots at `/status` from now on (until then `/status` is 404). The owners
+    /// of the volumes publish into the board (`StatusBoard::publish`). A board can be attached once:
+    /// a second is refused and handed back.
+    pub fn attach_status(&self, board: Arc<StatusBoard>) -> Result<(), Arc<StatusBoard>> {
+        self.status.set(board)
+    }
+
+    /// The `/status` body, if a board is attached.
+    fn render_status(&self) -> Option<String> {
+        let board = self.status.get()?;
+        Some(
+            serde_json::to_string(&board.snapshot()).unwrap_or_else(|error| {
+                // A snapshot is plain strings and numbers; this cannot fail, but must not panic either.
+                serde_json::json!({ "error": error.to_string() }).to_string()
+            }),
+        )
     }
 
     /// The Prometheus text exposition format (version 0.0.4).
@@ -284,7 +307,8 @@ impl Metrics {
     }
 }
 
-/// Serves `GET /metrics` on `address` from a thread of its own. Returns the bound address.
+/// Serves `GET /metrics` (and `GET /status`) on `address` from a thread of its own. Returns the bound
+/// address.
 pub fn serve(address: SocketAddr, metrics: Arc<Metrics>) -> std::io::Result<SocketAddr> {
     let listener = TcpListener::bind(address)?;
     let local = listener.local_addr()?;
@@ -328,6 +352,15 @@ fn answer(mut stream: TcpStream, metrics: &Metrics) -> std::io::Result<()> {
                 "text/plain; version=0.0.4; charset=utf-8",
                 metrics.render(),
             )
+        } else if line.starts_with(b"GET /status ") {
+            match metrics.render_status() {
+                Some(body) => ("200 OK", "application/json", body),
+                None => (
+                    "404 Not Found",
+                    "text/plain",
+                    "no replication status: this node serves no replicated volume\n".to_string(),
+                ),
+            }
         } else if line.starts_with(b"GET ") {
             ("404 Not Found", "text/plain", "try /metrics\n".to_string())
         } else {
@@ -369,5 +402,57 @@ mod tests {
         assert!(text.contains("ferroblock_bytes_total{volume=\"vol0\",kind=\"write\"} 4096"));
         assert!(text.contains("ferroblock_requests_in_flight{volume=\"vol0\"} 0"));
         assert!(text.contains("ferroblock_reactor_iterations_total{reactor=\"1\"} 0"));
+    }
+
+    /// `/status` is 404 until a board is attached, then serves what the owner published, and
+    /// `ferroblock status`'s fetcher reads it.
+    #[test]
+    fn status_route_serves_the_attached_board() {
+        use crate::cluster::report::{FetchError, fetch_node_status};
+        use crate::cluster::status::{PeerState, Role, VolumeStatus};
+
+        let metrics = Arc::new(Metrics::new(&["vol0"], 1));
+        let address = serve("127.0.0.1:0".parse().unwrap(), metrics.clone()).unwrap();
+        let timeout = Duration::from_secs(10);
+        match fetch_node_status(address, timeout) {
+            Err(FetchError::Http { status_line, .. }) => {
+                assert!(status_line.contains("404"), "{status_line}")
+            }
+            other => panic!("expected a 404, got {other:?}"),
+        }
+        let board = Arc::new(StatusBoard::new("n1", &["vol0"]));
+        assert!(metrics.attach_status(board.clone()).is_ok());
+        assert!(metrics.attach_status(board.clone()).is_err());
+        assert_eq!(fetch_node_status(address, timeout).unwrap().volumes, []);
+        board.publish(
+            0,
+            &PeerState {
+                role: Role::SoloMaster,
+                epoch: 2,
+                op: 17,
+                committed: 16,
+                peer_acked: None,
+            },
+        );
+        let status = fetch_node_status(address, timeout).unwrap();
+        assert_eq!(status.node, "n1");
+        assert_eq!(
+            status.volumes,
+            [VolumeStatus {
+                name: "vol0".into(),
+                role: "solo-master".into(),
+                epoch: 2,
+                op: 17,
+                committed: 16,
+                peer_acked: None,
+            }]
+        );
+        // /metrics is unaffected.
+        let mut stream = TcpStream::connect(address).unwrap();
+        stream.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").unwrap();
+        let mut page = String::new();
+        stream.read_to_string(&mut page).unwrap();
+        assert!(page.starts_with("HTTP/1.1 200 OK"), "{page}");
+        assert!(page.contains("ferroblock_requests_total"));
     }
 }
