@@ -735,7 +735,10 @@ impl Peer {
                     self.repair.clone().unwrap_or_default(),
                 )
             } else {
-                (self.committed, false, Vec::new())
+                // Every op up to `delivered` is in the local copy's log and commits in order: the
+                // catch-up need not (and must not: it would overwrite newer notes with older extents)
+                // resend any of it.
+                (self.delivered, false, Vec::new())
             };
             let hello = Message::Hello {
                 node: self.node.clone(),
@@ -898,9 +901,8 @@ impl Peer {
             .membership
             .as_ref()
             .is_some_and(|m| m.slave.as_deref() == Some(node.as_str()));
-        if in_sync && !rejoin {
-            self.peer_acked = self.peer_acked.max(base);
-        } else {
+        if !in_sync || rejoin {
+            // Its acknowledgements so far were about a history this master may not share.
             self.peer_acked = 0;
         }
         if let Some(current) = self.link.as_mut() {

@@ -72,6 +72,8 @@ enum Entry {
         note: NoteMessage,
         host_write: Option<u64>,
         durable: bool,
+        /// Dropped by a later `Discard` (in memory; after a power cut only a durable discard counts).
+        void: bool,
     },
     Extent {
         extent: NoteMessage,
@@ -82,6 +84,11 @@ enum Entry {
         rewind: bool,
         durable: bool,
     },
+    /// Notes before it above `resume` are void once it is durable (the real copy's new incarnation).
+    Discard {
+        resume: u64,
+        durable: bool,
+    },
 }
 
 impl Entry {
@@ -89,7 +96,8 @@ impl Entry {
         match self {
             Entry::Note { durable, .. }
             | Entry::Extent { durable, .. }
-            | Entry::Finish { durable, .. } => *durable,
+            | Entry::Finish { durable, .. }
+            | Entry::Discard { durable, .. } => *durable,
         }
     }
 
@@ -97,7 +105,8 @@ impl Entry {
         match self {
             Entry::Note { durable, .. }
             | Entry::Extent { durable, .. }
-            | Entry::Finish { durable, .. } => *durable = true,
+            | Entry::Finish { durable, .. }
+            | Entry::Discard { durable, .. } => *durable = true,
         }
     }
 }
@@ -152,13 +161,26 @@ impl ModelCopy {
                 break;
             }
             match front {
+                Entry::Note { void: true, .. } => {
+                    // Gone for good once the discard after it is durable; until then a power cut
+                    // may bring it back.
+                    let discard_durable = self
+                        .log
+                        .iter()
+                        .any(|entry| matches!(entry, Entry::Discard { durable: true, .. }));
+                    if !discard_durable {
+                        break;
+                    }
+                    self.log.pop_front();
+                    continue;
+                }
                 Entry::Note { note, .. } => {
                     assert_eq!(note.op, self.committed + 1, "notes commit in op order");
                     if note.op > self.limit {
                         break;
                     }
                 }
-                Entry::Extent { .. } | Entry::Finish { .. } => {}
+                Entry::Extent { .. } | Entry::Finish { .. } | Entry::Discard { .. } => {}
             }
             match self.log.pop_front().expect("front exists") {
                 Entry::Note {
@@ -180,30 +202,58 @@ impl ModelCopy {
                     };
                     finished = true;
                 }
+                Entry::Discard { .. } => {}
             }
         }
         finished || self.committed != before
     }
 
-    fn power_cut(&mut self) {
+    /// Loses what is not durable and recovers; the notes a discard had dropped that came back
+    /// (their discard was not durable yet), in op order.
+    fn power_cut(&mut self) -> Vec<NoteMessage> {
         let durable = self.log.iter().take_while(|entry| entry.durable()).count();
         self.log.truncate(durable);
+        // Recovery knows only durable discards: a note is void if one after it resumed below it.
+        let mut resurrected = Vec::new();
+        let mut lowest_resume = u64::MAX;
+        for entry in self.log.iter_mut().rev() {
+            match entry {
+                Entry::Discard { resume, .. } => lowest_resume = lowest_resume.min(*resume),
+                Entry::Note { note, void, .. } => {
+                    let now_void = note.op > lowest_resume;
+                    if *void && !now_void {
+                        resurrected.push(note.clone());
+                    }
+                    *void = now_void;
+                }
+                _ => {}
+            }
+        }
+        resurrected.reverse();
         self.limit = u64::MAX;
         let mut acked = Vec::new();
         let mut notes = Vec::new();
         self.apply(&mut acked, &mut notes);
         assert!(self.log.is_empty(), "recovery replays every durable entry");
         self.next_op = self.committed + 1;
+        resurrected
     }
 
     fn discard_uncommitted(&mut self) -> Vec<u64> {
         let mut failed = Vec::new();
-        self.log.retain(|entry| match entry {
-            Entry::Note { host_write, .. } => {
-                failed.extend(*host_write);
-                false
+        for entry in self.log.iter_mut() {
+            if let Entry::Note {
+                host_write, void, ..
+            } = entry
+                && !*void
+            {
+                failed.extend(host_write.take());
+                *void = true;
             }
-            _ => true,
+        }
+        self.log.push_back(Entry::Discard {
+            resume: self.committed,
+            durable: false,
         });
         self.next_op = self.committed + 1;
         failed
@@ -653,8 +703,28 @@ impl Simulation {
 
     fn start_node(&mut self, node: usize) {
         let copy = &mut self.nodes[node].copy;
-        copy.power_cut();
+        let resurrected = copy.power_cut();
         let committed = copy.committed;
+        // Notes a discard dropped came back (the discard never became durable): on the authority's
+        // master they extend its history (they were never acknowledged, so any history may hold
+        // them); anywhere else the node is a dropped peer and gets repaired.
+        if let Some(first) = resurrected.first()
+            && self.authority.master == NODES[node]
+        {
+            self.history.split_off(&first.op);
+            assert!(
+                self.states.len() as u64 >= first.op,
+                "seed {}: resurrected notes after a gap",
+                self.seed
+            );
+            self.states.truncate(first.op as usize);
+            for note in resurrected {
+                let mut state = self.states.last().expect("state 0").clone();
+                apply_to(&mut state, &note);
+                self.states.push(state);
+                self.history.insert(note.op, note);
+            }
+        }
         self.nodes[node].incarnation += 1;
         self.nodes[node].sources.clear();
         self.nodes[node].peer = Some(Peer::new(NODES[node], TIMING));
@@ -670,7 +740,7 @@ impl Simulation {
         }
         self.stats.crashes += 1;
         self.nodes[node].peer = None;
-        self.nodes[node].copy.power_cut();
+        // The copy loses its non-durable tail when the node restarts (`start_node`).
         self.nodes[node].sources.clear();
         let writes: Vec<u64> = self
             .host
@@ -957,6 +1027,7 @@ impl Simulation {
                     note,
                     host_write: None,
                     durable: false,
+                    void: false,
                 });
             }
             Action::DiscardUncommitted => {
@@ -1044,7 +1115,16 @@ impl Simulation {
         let mut acked = Vec::new();
         let mut notes = Vec::new();
         let moved = self.nodes[node].copy.apply(&mut acked, &mut notes);
-        for note in &notes {
+        // A peer the authority no longer counts in sync may still commit what an old master sent it
+        // before it notices; it is repaired when it returns.
+        let name = NODES[node];
+        let counted = self.authority.master == name
+            || (self.authority.slave.as_deref() == Some(name)
+                && self.nodes[node]
+                    .peer
+                    .as_ref()
+                    .is_some_and(|peer| peer.epoch() == self.authority.epoch));
+        for note in notes.iter().filter(|_| counted) {
             let expected = self.history.get(&note.op);
             assert_eq!(
                 expected,
@@ -1126,6 +1206,7 @@ impl Simulation {
             note: note.clone(),
             host_write: Some(write),
             durable: false,
+            void: false,
         });
         // The authority's current master assigns the history's op numbers: a reused number ends the
         // history it had. A stale master's notes belong to no history: they must never commit.
