@@ -10,4 +10,6 @@
 //! it, act on a message from an older epoch, or serve a volume without holding the authority's
 //! mastership and, when paired, a lease renewed by the slave.
 
+pub mod auth;
 pub mod message;
+pub mod wire;
