@@ -10,7 +10,9 @@
 //! it, act on a message from an older epoch, or serve a volume without holding the authority's
 //! mastership and, when paired, a lease renewed by the slave.
 
+pub mod auth;
 pub mod message;
 pub mod peer;
 #[cfg(test)]
 mod sim;
+pub mod wire;
