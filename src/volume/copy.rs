@@ -317,6 +317,26 @@ impl VolumeCopy {
         self.committed_op
     }
 
+    /// Returning peer: the ranges of every committed extent written by an op after `op` (trims and
+    /// write-zeroes included), in offset order, adjacent ranges merged.
+    pub fn changed_since(&self, op: u64) -> Vec<replication::ByteRange> {
+        let mut extents = Vec::new();
+        self.map.changed_since(op, &mut extents);
+        let mut ranges: Vec<replication::ByteRange> = Vec::with_capacity(extents.len());
+        for extent in extents {
+            match ranges.last_mut() {
+                Some(last) if last.offset + last.length == extent.offset => {
+                    last.length += extent.length
+                }
+                _ => ranges.push(replication::ByteRange {
+                    offset: extent.offset,
+                    length: extent.length,
+                }),
+            }
+        }
+        ranges
+    }
+
     /// The op number the next note gets (for `apply_note`: the op it must carry).
     pub fn next_op(&self) -> u64 {
         self.next_op + self.parked_applies

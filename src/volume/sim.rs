@@ -2445,6 +2445,11 @@ fn replication_operations_in_small() {
     created.clear();
     copy.take_created_notes(&mut created);
     assert!(created.is_empty(), "applied notes are not created here");
+    // Changed since: op 1 wrote [0, 4096), op 2 trimmed it; both count after op 0, neither after 2.
+    let whole = |offset, length| replication::ByteRange { offset, length };
+    assert_eq!(copy.changed_since(0), vec![whole(0, 4096)]);
+    assert_eq!(copy.changed_since(1), vec![whole(0, 4096)], "a trim counts");
+    assert!(copy.changed_since(2).is_empty());
 
     // Discard: the uncommitted write fails, its op number is given out again.
     copy.set_commit_limit(2, &mut device, &mut done);
