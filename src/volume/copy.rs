@@ -26,9 +26,10 @@ use crate::journal::format::{
 };
 use crate::journal::recovery::{JOURNAL_BLOCKS_IN_FLIGHT_MAX, Recovered};
 use crate::journal::superblock::Superblock;
+use crate::replication::message::{self as replication, NoteMessage};
 use crate::volume::{
     EXTENT_HOLE, EXTENT_ZERO, EXTENTS_PER_REPLY_MAX, IoCompletion, IoFlags, IoKind, IoRequest,
-    VolumeError, push_extent,
+    Origin, VolumeError, push_extent,
 };
 
 /// How notes are made durable.
@@ -38,6 +39,17 @@ pub enum Durability {
     Fdatasync,
     /// Every data and journal write with RWF_DSYNC (FUA on devices that have it); no separate sync.
     Dsync,
+}
+
+/// Why a note or extent from a replication peer was refused (nothing was changed).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ApplyError {
+    #[error("note op {got} out of order: the copy's next op is {expected}")]
+    OutOfOrder { expected: u64, got: u64 },
+    #[error("range {offset} + {length} is empty, misaligned or outside the volume")]
+    Range { offset: u64, length: u64 },
+    #[error("{got} data bytes where the note needs {expected}")]
+    DataLength { expected: usize, got: usize },
 }
 
 /// Device operations one volume copy keeps in flight at most.
@@ -53,10 +65,19 @@ const JOURNAL_SPARE_BLOCKS: u64 = 8;
 
 #[derive(Debug, Clone, Copy)]
 enum DeviceOp {
-    NoteData { op: u64 },
-    JournalBlock { seq: u64 },
-    Sync { covers_before: u64 },
-    ReadPiece { read: u32 },
+    /// Data of the queued entry `entry` (see `Note::entry`).
+    NoteData {
+        entry: u64,
+    },
+    JournalBlock {
+        seq: u64,
+    },
+    Sync {
+        covers_before: u64,
+    },
+    ReadPiece {
+        read: u32,
+    },
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -75,6 +96,9 @@ enum Submission {
 }
 
 struct Note {
+    /// Position in the queue of entries: consecutive, so that a device completion finds its entry by
+    /// subtraction (op numbers cannot serve: a discard reuses them).
+    entry: u64,
     op: u64,
     kind: NoteKind,
     /// The host request; taken when it is completed.
@@ -188,6 +212,18 @@ pub struct VolumeCopy {
     checkpoint: Option<CheckpointJob>,
     checkpoint_id: u64,
     failed: Option<VolumeError>,
+    /// Entry number of the next note created (see `Note::entry`).
+    next_entry: u64,
+    /// Notes with op > this are made durable but not committed (the replication master's limit: what
+    /// the slave has committed). `u64::MAX` when unreplicated.
+    commit_limit: u64,
+    /// Created notes for the replication link, in op order (`set_note_outbox`); `None`: not kept.
+    outbox: Option<Vec<NoteMessage>>,
+    /// Applied notes parked in `waiting` (they take their op numbers when they start).
+    parked_applies: u64,
+    /// Dropped notes whose data writes are still in flight: their space and buffers are released
+    /// when the writes complete.
+    discarded: Vec<Note>,
     block_pool: Vec<AlignedBuf>,
     piece_pool: Vec<Vec<Piece>>,
     /// Reused lookup results, so that reads and block status allocate nothing in steady state.
@@ -241,6 +277,11 @@ impl VolumeCopy {
             checkpoint: None,
             checkpoint_id: recovered.checkpoint_id,
             failed: None,
+            next_entry: 0,
+            commit_limit: u64::MAX,
+            outbox: None,
+            parked_applies: 0,
+            discarded: Vec::new(),
             block_pool: Vec::new(),
             piece_pool: Vec::new(),
             mapping_pool: Vec::new(),
@@ -265,7 +306,234 @@ impl VolumeCopy {
 
     /// Device operations and host requests not finished yet.
     pub fn in_flight(&self) -> usize {
-        DEVICE_OPS_MAX - self.free_tags.len() + self.waiting.len() + self.notes.len()
+        DEVICE_OPS_MAX - self.free_tags.len()
+            + self.waiting.len()
+            + self.notes.len()
+            + self.discarded.len()
+    }
+
+    /// The commit watermark: every op up to it is committed (readable, and durable).
+    pub fn committed_op(&self) -> u64 {
+        self.committed_op
+    }
+
+    /// Returning peer: the ranges of every committed extent written by an op after `op` (trims and
+    /// write-zeroes included), in offset order, adjacent ranges merged.
+    pub fn changed_since(&self, op: u64) -> Vec<replication::ByteRange> {
+        let mut extents = Vec::new();
+        self.map.changed_since(op, &mut extents);
+        let mut ranges: Vec<replication::ByteRange> = Vec::with_capacity(extents.len());
+        for extent in extents {
+            match ranges.last_mut() {
+                Some(last) if last.offset + last.length == extent.offset => {
+                    last.length += extent.length
+                }
+                _ => ranges.push(replication::ByteRange {
+                    offset: extent.offset,
+                    length: extent.length,
+                }),
+            }
+        }
+        ranges
+    }
+
+    /// The op number the next note gets (for `apply_note`: the op it must carry).
+    pub fn next_op(&self) -> u64 {
+        self.next_op + self.parked_applies
+    }
+
+    /// Replication master: notes with op > `through` are made durable as usual but not committed
+    /// (not readable, not acknowledged) until the limit is raised; raising it commits what is durable,
+    /// in op order, now. A limit below the watermark means the watermark (what is committed stays so).
+    /// Recovery ignores the limit: it replays every durable note (the protocol relies on "durable =>
+    /// committed at recovery"; a restarted master takes a new epoch).
+    pub fn set_commit_limit(
+        &mut self,
+        through: u64,
+        device: &mut dyn Device,
+        done: &mut VecDeque<IoCompletion>,
+    ) {
+        let raised = through > self.commit_limit;
+        self.commit_limit = through;
+        if raised {
+            self.advance(device, done);
+        }
+    }
+
+    /// Replication master: keep (`true`) a copy of every note created from now on, writes with their
+    /// data, for `take_created_notes`; `false` drops what is kept and stops copying.
+    pub fn set_note_outbox(&mut self, enabled: bool) {
+        self.outbox = enabled.then(Vec::new);
+    }
+
+    /// Moves the notes created since the last call (in op order) to `out`.
+    pub fn take_created_notes(&mut self, out: &mut Vec<NoteMessage>) {
+        if let Some(outbox) = self.outbox.as_mut() {
+            out.append(outbox);
+        }
+    }
+
+    /// Replication slave: writes a note received from the master, with its op number, which must be
+    /// the copy's next one (`next_op`). It goes the way of a host write (data space, journal record,
+    /// group commit) and commits as soon as it is durable (and within the commit limit); its
+    /// completion carries `Origin::REPLICATION`. A note the copy cannot take (out of order, out of
+    /// range, inconsistent) is refused with an error and changes nothing.
+    pub fn apply_note(
+        &mut self,
+        note: NoteMessage,
+        device: &mut dyn Device,
+        done: &mut VecDeque<IoCompletion>,
+    ) -> Result<(), ApplyError> {
+        let expected = self.next_op();
+        if note.op != expected {
+            return Err(ApplyError::OutOfOrder {
+                expected,
+                got: note.op,
+            });
+        }
+        let request = self.replication_request(&note)?;
+        if self.waiting.is_empty() {
+            match self.start(request, device, done) {
+                Ok(()) => return Ok(()),
+                Err(request) => self.waiting.push_back(request),
+            }
+        } else {
+            self.waiting.push_back(request);
+        }
+        self.parked_applies += 1;
+        Ok(())
+    }
+
+    /// The request that writes a note (or catch-up extent) received from a peer, after checking it.
+    fn replication_request(&self, note: &NoteMessage) -> Result<IoRequest, ApplyError> {
+        let aligned = note.offset.is_multiple_of(512) && note.length.is_multiple_of(512);
+        let in_volume = note
+            .offset
+            .checked_add(note.length)
+            .is_some_and(|end| end <= self.superblock.volume_size);
+        if note.length == 0 || !aligned || !in_volume || note.length > u64::from(u32::MAX) {
+            return Err(ApplyError::Range {
+                offset: note.offset,
+                length: note.length,
+            });
+        }
+        let kind = match note.kind {
+            replication::NoteKind::Write => IoKind::Write,
+            replication::NoteKind::Trim => IoKind::Trim,
+            replication::NoteKind::Zero => IoKind::WriteZeroes,
+        };
+        let expected_data = if kind == IoKind::Write {
+            note.length as usize
+        } else {
+            0
+        };
+        if note.data.len() != expected_data {
+            return Err(ApplyError::DataLength {
+                expected: expected_data,
+                got: note.data.len(),
+            });
+        }
+        let mut buf = AlignedBuf::empty();
+        if kind == IoKind::Write {
+            buf = AlignedBuf::with_capacity(note.data.len());
+            buf.set_len(note.data.len());
+            buf.as_mut_slice().copy_from_slice(&note.data);
+        }
+        Ok(IoRequest {
+            volume: 0,
+            kind,
+            flags: IoFlags::empty(),
+            offset: note.offset,
+            length: note.length as u32,
+            buf,
+            origin: Origin::replication(note.op),
+        })
+    }
+
+    /// Drops every note above the commit watermark: their requests fail with `VolumeError::Fenced`
+    /// (host writes) and parked write-like requests too; their space is freed once their in-flight
+    /// data writes have completed (they cannot be cancelled) and the discard is durable; the next op
+    /// becomes `committed + 1`.
+    ///
+    /// Durability: the journal continues in a new incarnation that resumes from the watermark, so that
+    /// recovery treats the dropped notes as void (their op numbers are reused) once a block of the new
+    /// incarnation is durable. A power cut before that may bring the dropped notes back (recovery
+    /// replays every durable note); the protocol treats them as part of an older history and repairs
+    /// them. Their space is not reused before then, so what such a recovery brings back is their data.
+    pub fn discard_uncommitted(
+        &mut self,
+        device: &mut dyn Device,
+        done: &mut VecDeque<IoCompletion>,
+    ) {
+        let mut kept = VecDeque::with_capacity(self.waiting.len());
+        for request in self.waiting.drain(..) {
+            if matches!(
+                request.kind,
+                IoKind::Write | IoKind::Trim | IoKind::WriteZeroes
+            ) {
+                done.push_back(IoCompletion {
+                    origin: request.origin,
+                    result: Err(VolumeError::Fenced),
+                    buf: request.buf,
+                });
+            } else {
+                kept.push_back(request);
+            }
+        }
+        self.waiting = kept;
+        self.parked_applies = 0;
+        let dropped = self.notes.len();
+        while let Some(note) = self.notes.pop_front() {
+            debug_assert!(note.op > self.committed_op);
+            if note.data_pending == 0 {
+                self.release_discarded(note, done);
+            } else {
+                self.discarded.push(note);
+            }
+        }
+        // Every record in the open block belongs to a note just dropped: the block is never written.
+        if let Some(open) = self.open.take() {
+            debug_assert_eq!(open.kind, BlockKind::Notes);
+            self.block_pool.push(open.buf);
+        }
+        if let Some(outbox) = self.outbox.as_mut() {
+            let committed = self.committed_op;
+            outbox.retain(|note| note.op <= committed);
+        }
+        if dropped > 0 || self.next_op != self.committed_op + 1 {
+            tracing::info!(
+                dropped,
+                committed_op = self.committed_op,
+                next_op = self.next_op,
+                "uncommitted notes discarded"
+            );
+            self.incarnation += 1;
+            self.resume_op = self.committed_op;
+            self.next_op = self.committed_op + 1;
+        }
+        self.advance(device, done);
+    }
+
+    /// A dropped note whose data writes are over: its request fails, its space goes to limbo until a
+    /// block of the incarnation that voids it is durable and vouched for (see `discard_uncommitted`).
+    fn release_discarded(&mut self, mut note: Note, done: &mut VecDeque<IoCompletion>) {
+        debug_assert_eq!(note.data_pending, 0);
+        if !note.pieces.is_empty() {
+            self.free_counter += 1;
+            let vouching_seq = self.next_seq;
+            for piece in note.pieces.drain(..) {
+                self.limbo
+                    .push_back((self.free_counter, vouching_seq, piece));
+            }
+        }
+        self.piece_pool.push(note.pieces);
+        if let Some(request) = note.request.take() {
+            done.push_back(IoCompletion {
+                origin: request.origin,
+                result: Err(VolumeError::Fenced),
+                buf: request.buf,
+            });
+        }
     }
 
     /// Starts (or parks) a host request.
@@ -351,7 +619,7 @@ impl VolumeCopy {
                 .is_err()
         {
             self.piece_pool.push(pieces);
-            if self.notes.is_empty() && self.limbo.is_empty() {
+            if self.notes.is_empty() && self.limbo.is_empty() && self.discarded.is_empty() {
                 done.push_back(IoCompletion {
                     origin: request.origin,
                     result: Err(VolumeError::NoSpace),
@@ -382,8 +650,14 @@ impl VolumeCopy {
         }
         let op = self.next_op;
         self.next_op += 1;
+        if self.outbox.is_some() {
+            self.note_created(op, &request);
+        }
+        let entry = self.next_entry;
+        self.next_entry += 1;
         let first_seq = self.open_block_seq(BlockKind::Notes);
         let mut note = Note {
+            entry,
             op,
             kind,
             request: None,
@@ -438,7 +712,7 @@ impl VolumeCopy {
                     };
                     let address = self.superblock.data_offset + piece.address + written as u64;
                     self.issue(
-                        DeviceOp::NoteData { op },
+                        DeviceOp::NoteData { entry },
                         Submission::Write {
                             address,
                             data,
@@ -471,6 +745,31 @@ impl VolumeCopy {
         note.request = Some(request);
         self.notes.push_back(note);
         Ok(())
+    }
+
+    /// Copies a host note for the replication link (replicated masters only: not on the plain path).
+    #[cold]
+    fn note_created(&mut self, op: u64, request: &IoRequest) {
+        if request.origin.is_replication() {
+            return; // applied, not created here
+        }
+        let (kind, data) = match request.kind {
+            IoKind::Write => (
+                replication::NoteKind::Write,
+                request.buf.as_slice().to_vec(),
+            ),
+            IoKind::Trim => (replication::NoteKind::Trim, Vec::new()),
+            _ => (replication::NoteKind::Zero, Vec::new()),
+        };
+        let outbox = self.outbox.as_mut().expect("checked by the caller");
+        debug_assert!(outbox.last().is_none_or(|last| last.op + 1 == op));
+        outbox.push(NoteMessage {
+            op,
+            kind,
+            offset: request.offset,
+            length: u64::from(request.length),
+            data,
+        });
     }
 
     fn start_read(
@@ -800,9 +1099,13 @@ impl VolumeCopy {
 
     fn retry_waiting(&mut self, device: &mut dyn Device, done: &mut VecDeque<IoCompletion>) {
         while let Some(request) = self.waiting.pop_front() {
+            let applied = request.origin.is_replication();
             if let Err(request) = self.start(request, device, done) {
                 self.waiting.push_front(request);
                 break;
+            }
+            if applied {
+                self.parked_applies -= 1;
             }
         }
         // Writes that could not start did not open a block; anything they appended is sealed next time.
@@ -833,13 +1136,29 @@ impl VolumeCopy {
             }
         });
         match op {
-            DeviceOp::NoteData { op } => {
-                let front = self.notes.front().map_or(op, |note| note.op);
-                let note = &mut self.notes[(op - front) as usize];
-                note.data_pending -= 1;
-                if let Some(error) = error {
-                    note.failed = true;
-                    self.fail(error);
+            DeviceOp::NoteData { entry } => {
+                let front = self.notes.front().map_or(u64::MAX, |note| note.entry);
+                let queued = entry
+                    .checked_sub(front)
+                    .and_then(|index| self.notes.get_mut(index as usize));
+                if let Some(note) = queued {
+                    note.data_pending -= 1;
+                    if let Some(error) = error {
+                        note.failed = true;
+                        self.fail(error);
+                    }
+                } else {
+                    // A dropped note: its outcome no longer matters, only when its buffer is free.
+                    let index = self
+                        .discarded
+                        .iter()
+                        .position(|note| note.entry == entry)
+                        .expect("data completion for a live or dropped note");
+                    self.discarded[index].data_pending -= 1;
+                    if self.discarded[index].data_pending == 0 {
+                        let note = self.discarded.swap_remove(index);
+                        self.release_discarded(note, done);
+                    }
                 }
             }
             DeviceOp::JournalBlock { seq } => {
@@ -888,6 +1207,13 @@ impl VolumeCopy {
             .map_or(self.next_seq, |block| block.seq);
         if let Some(note) = self.notes.iter().find(|note| note.data_pending > 0) {
             ready_before = ready_before.min(note.first_seq);
+        }
+        // A dropped note's block is not claimed durable before its data is written either: until
+        // the discard is durable, recovery may replay it without checking its data.
+        if !self.discarded.is_empty()
+            && let Some(first_seq) = self.discarded.iter().map(|note| note.first_seq).min()
+        {
+            ready_before = ready_before.min(first_seq);
         }
         if self.failed.is_none() {
             match self.durability {
@@ -942,7 +1268,7 @@ impl VolumeCopy {
                 });
                 continue;
             }
-            if !durable {
+            if !durable || note.op > self.commit_limit {
                 break;
             }
             let mut note = self.notes.pop_front().expect("front exists");

@@ -64,6 +64,32 @@ pub struct Origin {
     pub generation: u32,
 }
 
+impl Origin {
+    /// The origin of requests a replication peer makes (notes applied on a slave, catch-up extents):
+    /// no host waits for them. The server recognises it (`is_replication`) and drops or routes their
+    /// completions itself; a connection table never holds index `u32::MAX`, so one that reaches it
+    /// by mistake is dropped like a completion for a closed connection.
+    pub const REPLICATION: Origin = Origin {
+        reactor: 0,
+        slot: 0,
+        connection: u32::MAX,
+        generation: u32::MAX,
+    };
+
+    /// The origin of an applied note: `REPLICATION`, with the low 32 bits of its op as generation
+    /// (for traces and tests; the server needs nothing but `is_replication`).
+    pub const fn replication(op: u64) -> Origin {
+        Origin {
+            generation: op as u32,
+            ..Origin::REPLICATION
+        }
+    }
+
+    pub fn is_replication(&self) -> bool {
+        self.connection == u32::MAX
+    }
+}
+
 /// A validated IO request. Offsets and lengths are within the volume and multiples of the sector size.
 #[derive(Debug)]
 pub struct IoRequest {
@@ -88,6 +114,10 @@ pub enum VolumeError {
     NotSupported,
     #[error("invalid request")]
     Invalid,
+    /// The note was dropped before it committed: this copy lost its mastership (or dropped what it
+    /// had not committed on behalf of the replication protocol). Its outcome is unknown to the host.
+    #[error("dropped uncommitted: this copy was fenced")]
+    Fenced,
 }
 
 impl VolumeError {

@@ -65,6 +65,16 @@
 //! - Liveness: at the end, without new requests, every outstanding request completes within a bound; then
 //!   the data space in use is exactly the live data of the committed state (nothing leaked).
 //!
+//! - Replication (half of the seeds, drawn from a stream of their own so that the other seeds run the
+//!   scenario they always ran): the commit limit is set at random (raised to `u64::MAX` at random and
+//!   before the liveness phase) and the copy never commits above it; every note the copy creates for
+//!   the link is checked against the host request it numbered (op, kind, range, data); a third of the
+//!   write-likes are applied as notes from a master (`apply_note`, with the op the copy expects);
+//!   `discard_uncommitted` drops what is not committed: those requests must complete with `Fenced`,
+//!   numbering restarts at the watermark, and a power cut may bring the dropped history back only
+//!   until an op numbered after the discard was acknowledged (or through damage to a block in the
+//!   durable tail of the log).
+//!
 //! Bugs this found are listed with their seeds in `simulated_power_cuts_regressions`.
 
 use crate::sim_rng::{GOLDEN_GAMMA, Rng, mix};
@@ -82,6 +92,7 @@ use crate::io::device::Device;
 use crate::journal::format::{self, JOURNAL_BLOCK_BYTES};
 use crate::journal::recovery::{self, Recovered};
 use crate::journal::superblock::Superblock;
+use crate::replication::message::{self as replication, NoteMessage};
 use crate::volume::copy::{Durability, VolumeCopy};
 use crate::volume::{IoCompletion, IoFlags, IoKind, IoRequest, Origin, VolumeError};
 
@@ -615,6 +626,7 @@ impl SectorValue {
 }
 
 /// Per volume sector, the values ops gave it, in op order.
+#[derive(Clone)]
 struct Model {
     history: Vec<Vec<(u64, SectorValue)>>,
 }
@@ -688,6 +700,17 @@ struct Effect {
     sectors: u64,
 }
 
+/// The history before the last discard since the power cut.
+struct Undiscarded {
+    model: Model,
+    numbered_op: u64,
+    /// An op numbered after the discard was acknowledged: its block, of the incarnation that voids the
+    /// dropped notes, is durable.
+    durable: bool,
+    /// Discards since the last power cut (the model keeps only the last one's history).
+    discards: u64,
+}
+
 /// A host request the copy has not completed yet.
 #[derive(Debug)]
 struct Outstanding {
@@ -698,6 +721,11 @@ struct Outstanding {
     op: Option<u64>,
     committed_at_submission: u64,
     acknowledged_at_submission: u64,
+    /// Written with `apply_note` (as a replication slave does) rather than submitted: the op the note
+    /// carried, which its completion's origin reports.
+    applied: Option<u64>,
+    /// Dropped by `discard_uncommitted`: it must complete with `Fenced`.
+    dropped: bool,
 }
 
 // ---------------------------------------------------------------------------------------------------
@@ -804,6 +832,10 @@ struct SimStats {
     corruptions_in_durable_tail: u64,
     checkpoints: u64,
     device_refusals: u64,
+    /// Power cuts after a discard that was not durable yet which brought the dropped notes back.
+    discards_undone: u64,
+    discards: u64,
+    notes_applied: u64,
 }
 
 impl SimStats {
@@ -826,11 +858,17 @@ impl SimStats {
         self.corruptions_in_durable_tail += other.corruptions_in_durable_tail;
         self.checkpoints += other.checkpoints;
         self.device_refusals += other.device_refusals;
+        self.discards_undone += other.discards_undone;
+        self.discards += other.discards;
+        self.notes_applied += other.notes_applied;
     }
 }
 
 enum Call {
     Submit(IoRequest),
+    Apply(NoteMessage),
+    SetCommitLimit(u64),
+    Discard,
     EndIteration,
     Complete { tag: u32, result: i32 },
 }
@@ -913,6 +951,16 @@ struct Simulation {
     flushed_op: u64,
     errored_ops: BTreeSet<u64>,
     power_cut_at_step: Option<u64>,
+    /// Replication features (commit limits, applied notes, created notes, discards) are exercised in
+    /// this seed; drawn from their own stream (`replication_rng`), so that seeds without them run the
+    /// very scenario they ran before these features existed.
+    replication: bool,
+    replication_rng: Rng,
+    commit_limit: u64,
+    /// After a discard (until the next power cut): the model and the highest op of the history it
+    /// dropped, which a power cut may still bring back while the discard is not durable (and damage to
+    /// a block in the durable tail of the log even after).
+    undiscarded: Option<Undiscarded>,
     stats: SimStats,
     /// Prints what happens (`FERROBLOCK_SIM_TRACE=1`, with `FERROBLOCK_SIM_SEED`).
     trace: bool,
@@ -975,6 +1023,10 @@ impl Simulation {
             flushed_op: 0,
             errored_ops: BTreeSet::new(),
             power_cut_at_step: None,
+            replication: false,
+            replication_rng: Rng::new(seed ^ 0x4E50_11CA_7E00_0000),
+            commit_limit: u64::MAX,
+            undiscarded: None,
             stats: SimStats {
                 seeds: 1,
                 ..SimStats::default()
@@ -985,6 +1037,10 @@ impl Simulation {
             eprintln!("seed {seed}: {config:?}");
         }
         simulation.device.faults = simulation.arm_faults();
+        simulation.replication = simulation.replication_rng.chance(1, 2);
+        if simulation.replication {
+            simulation.copy.set_note_outbox(true);
+        }
         simulation
     }
 
@@ -1033,7 +1089,29 @@ impl Simulation {
                     break;
                 }
                 let request = self.random_request();
-                self.call(Call::Submit(request));
+                match self.as_applied_note(request) {
+                    Ok(note) => self.call(Call::Apply(note)),
+                    Err(request) => self.call(Call::Submit(request)),
+                }
+            }
+            if self.replication {
+                if self.replication_rng.chance(1, 12) {
+                    let committed = self.copy.committed_op();
+                    let limit = if self.replication_rng.chance(1, 3) {
+                        u64::MAX
+                    } else {
+                        committed + self.replication_rng.below(8)
+                    };
+                    self.call(Call::SetCommitLimit(limit));
+                }
+                if self
+                    .undiscarded
+                    .as_ref()
+                    .is_none_or(|undiscarded| undiscarded.durable)
+                    && self.replication_rng.chance(1, 60)
+                {
+                    self.call(Call::Discard);
+                }
             }
             self.call(Call::EndIteration);
             let cut_due = self.power_cut_at_step.is_some_and(|at| step >= at);
@@ -1046,6 +1124,66 @@ impl Simulation {
         self.check_quiescent();
         self.power_cut_and_recover();
         self.stats.device_refusals += self.device.counters.refused;
+    }
+
+    /// In replication seeds, turns some write-like requests into notes applied as a slave does (when
+    /// only applied notes wait for an op: a slave has no host writes, and its next op is the note's).
+    fn as_applied_note(&mut self, request: IoRequest) -> Result<NoteMessage, IoRequest> {
+        let id = request_of(request.origin);
+        let convert = self.replication
+            && is_write_like(request.kind)
+            && !request.flags.contains(IoFlags::NO_HOLE)
+            && self.replication_rng.chance(1, 3)
+            && self
+                .unnumbered
+                .iter()
+                .all(|waiting| *waiting == id || self.outstanding[waiting].applied.is_some());
+        if !convert {
+            return Err(request);
+        }
+        let op = self.numbered_op + self.unnumbered.len() as u64;
+        sim_assert!(
+            self,
+            op == self.copy.next_op(),
+            "the copy expects op {} for the next applied note, the model {op}",
+            self.copy.next_op()
+        );
+        self.outstanding
+            .get_mut(&id)
+            .expect("just submitted")
+            .applied = Some(op);
+        let kind = match request.kind {
+            IoKind::Write => replication::NoteKind::Write,
+            IoKind::Trim => replication::NoteKind::Trim,
+            _ => replication::NoteKind::Zero,
+        };
+        Ok(NoteMessage {
+            op,
+            kind,
+            offset: request.offset,
+            length: u64::from(request.length),
+            data: request.buf.as_slice().to_vec(),
+        })
+    }
+
+    /// The request a completion belongs to: by its origin, or for an applied note by the op its
+    /// origin reports (dropped and live notes may share an op: a discard reuses op numbers).
+    fn request_of_completion(&self, completion: &IoCompletion) -> u64 {
+        if !completion.origin.is_replication() {
+            return request_of(completion.origin);
+        }
+        let fenced = completion.result == Err(VolumeError::Fenced);
+        self.outstanding
+            .iter()
+            .filter(|(_, request)| {
+                request
+                    .applied
+                    .is_some_and(|op| op as u32 == completion.origin.generation)
+                    && request.dropped == fenced
+            })
+            .map(|(id, _)| *id)
+            .min()
+            .unwrap_or(u64::MAX)
     }
 
     fn random_request(&mut self) -> IoRequest {
@@ -1147,6 +1285,8 @@ impl Simulation {
                 op: None,
                 committed_at_submission: stats.committed_op,
                 acknowledged_at_submission: self.acknowledged_op,
+                applied: None,
+                dropped: false,
             },
         );
         if effect.is_some() {
@@ -1174,8 +1314,22 @@ impl Simulation {
     fn call(&mut self, call: Call) {
         let before = self.copy.stats();
         let completing = matches!(call, Call::Complete { .. });
+        let discarding = matches!(call, Call::Discard);
         match call {
             Call::Submit(request) => self.copy.submit(request, &mut self.device, &mut self.done),
+            Call::Apply(note) => {
+                self.stats.notes_applied += 1;
+                let op = note.op;
+                if let Err(error) = self.copy.apply_note(note, &mut self.device, &mut self.done) {
+                    self.fail(format!("applying note {op} was refused: {error}"));
+                }
+            }
+            Call::SetCommitLimit(limit) => {
+                self.commit_limit = limit;
+                self.copy
+                    .set_commit_limit(limit, &mut self.device, &mut self.done);
+            }
+            Call::Discard => self.discard(before.committed_op),
             Call::EndIteration => self.copy.end_iteration(&mut self.device, &mut self.done),
             Call::Complete { tag, result } => {
                 self.copy
@@ -1188,9 +1342,22 @@ impl Simulation {
         let after = self.copy.stats();
         sim_assert!(
             self,
-            after.committed_op >= before.committed_op && after.next_op >= before.next_op,
+            after.committed_op >= before.committed_op
+                && (after.next_op >= before.next_op || discarding),
             "op counters went back: {before:?} -> {after:?}"
         );
+        sim_assert!(
+            self,
+            after.committed_op <= before.committed_op.max(self.commit_limit),
+            "committed through op {} above the commit limit {}",
+            after.committed_op,
+            self.commit_limit
+        );
+        let mut numbered = if discarding {
+            0
+        } else {
+            after.next_op - before.next_op
+        };
         sim_assert!(
             self,
             after.committed_op < after.next_op,
@@ -1198,7 +1365,6 @@ impl Simulation {
             after.committed_op,
             after.next_op
         );
-        let mut numbered = after.next_op - before.next_op;
         sim_assert!(
             self,
             !completing || numbered == 0,
@@ -1207,7 +1373,7 @@ impl Simulation {
         let completions: Vec<IoCompletion> = self.done.drain(..).collect();
         let refused: BTreeSet<u64> = completions
             .iter()
-            .map(|completion| request_of(completion.origin))
+            .map(|completion| self.request_of_completion(completion))
             .filter(|id| {
                 self.outstanding
                     .get(id)
@@ -1215,6 +1381,7 @@ impl Simulation {
             })
             .collect();
         let mut kept = VecDeque::with_capacity(self.unnumbered.len());
+        let mut created: Vec<(u64, u64)> = Vec::new();
         while let Some(id) = self.unnumbered.pop_front() {
             let is_refused = refused.contains(&id);
             if !kept.is_empty() && (is_refused || numbered > 0) {
@@ -1238,8 +1405,14 @@ impl Simulation {
                 .get_mut(&id)
                 .expect("unnumbered is outstanding");
             request.op = Some(op);
+            if request.applied.is_none() {
+                created.push((op, id));
+            }
             let effect = request.effect.expect("write-like");
             self.model.apply(op, &effect);
+        }
+        if self.replication {
+            self.check_created_notes(&created);
         }
         self.unnumbered = kept;
         sim_assert!(
@@ -1259,8 +1432,82 @@ impl Simulation {
         }
     }
 
+    /// The notes the copy created for the replication link are exactly the host write-likes it just
+    /// numbered, in op order, with their data.
+    fn check_created_notes(&mut self, numbered: &[(u64, u64)]) {
+        let mut notes = Vec::new();
+        self.copy.take_created_notes(&mut notes);
+        sim_assert!(
+            self,
+            notes.len() == numbered.len(),
+            "the copy created {} notes for {} numbered host requests",
+            notes.len(),
+            numbered.len()
+        );
+        for (note, &(op, id)) in notes.iter().zip(numbered) {
+            let request = &self.outstanding[&id];
+            let effect = request.effect.expect("write-like");
+            let kind = match request.kind {
+                IoKind::Write => replication::NoteKind::Write,
+                IoKind::Trim => replication::NoteKind::Trim,
+                _ => replication::NoteKind::Zero,
+            };
+            let mut data = Vec::new();
+            if kind == replication::NoteKind::Write {
+                data.resize(effect.sectors as usize * SECTOR_BYTES, 0);
+                for (index, chunk) in data.chunks_exact_mut(SECTOR_BYTES).enumerate() {
+                    fill_sector(self.seed, id, effect.first_sector + index as u64, chunk);
+                }
+            }
+            let expected = NoteMessage {
+                op,
+                kind,
+                offset: request.offset,
+                length: u64::from(request.length),
+                data,
+            };
+            sim_assert!(
+                self,
+                *note == expected,
+                "created note {} ({:?} at {} +{}) differs from request {id} (op {op})",
+                note.op,
+                note.kind,
+                note.offset,
+                note.length
+            );
+        }
+    }
+
+    /// Drops everything above the watermark `committed`: the model forgets it (keeping the old history
+    /// as the alternative a power cut may restore until the discard is durable).
+    fn discard(&mut self, committed: u64) {
+        self.stats.discards += 1;
+        let discards = self
+            .undiscarded
+            .as_ref()
+            .map_or(0, |undiscarded| undiscarded.discards);
+        self.undiscarded = Some(Undiscarded {
+            model: self.model.clone(),
+            numbered_op: self.numbered_op,
+            durable: false,
+            discards: discards + 1,
+        });
+        for request in self.outstanding.values_mut() {
+            if request.effect.is_some() && request.op.is_none_or(|op| op > committed) {
+                request.dropped = true;
+                request.op = None;
+            }
+        }
+        self.unnumbered.clear();
+        self.model.truncate(committed);
+        self.numbered_op = committed;
+        self.errored_ops.retain(|&errored| errored <= committed);
+        self.copy
+            .discard_uncommitted(&mut self.device, &mut self.done);
+    }
+
     fn on_completion(&mut self, completion: IoCompletion, committed_op: u64) {
-        let id = request_of(completion.origin);
+        let id = self.request_of_completion(&completion);
         let Some(request) = self.outstanding.remove(&id) else {
             self.fail(format!(
                 "completion for request {id}, which is not outstanding (completed twice, or never \
@@ -1290,6 +1537,14 @@ impl Simulation {
                     self.stats.read_errors += 1;
                 }
             },
+            IoKind::Write | IoKind::Trim | IoKind::WriteZeroes if request.dropped => {
+                sim_assert!(
+                    self,
+                    completion.result == Err(VolumeError::Fenced),
+                    "request {id}, dropped by a discard, completed with {:?}",
+                    completion.result
+                );
+            }
             IoKind::Write | IoKind::Trim | IoKind::WriteZeroes => match completion.result {
                 Ok(length) => {
                     let Some(op) = request.op else {
@@ -1321,6 +1576,11 @@ impl Simulation {
                     );
                     self.acknowledged_op = op;
                     self.stats.acknowledged += 1;
+                    // Its block is durable and of the incarnation after any discard: the notes the
+                    // discard dropped are void for every later recovery.
+                    if let Some(undiscarded) = self.undiscarded.as_mut() {
+                        undiscarded.durable = true;
+                    }
                 }
                 Err(error) => {
                     sim_assert!(
@@ -1510,6 +1770,21 @@ impl Simulation {
                 } else {
                     self.compare_recovered(&recovered.map, &damaged, op)
                 };
+                // Damage to the first block after a discard, in the durable tail, looks like a torn
+                // write: the discard is undone, and the old history recovered.
+                let verdict = match (verdict, self.undiscarded.take()) {
+                    (Err(problem), Some(undiscarded)) if in_durable_tail => {
+                        let new_model = std::mem::replace(&mut self.model, undiscarded.model);
+                        let old_verdict = if op <= undiscarded.numbered_op {
+                            self.compare_recovered(&recovered.map, &damaged, op)
+                        } else {
+                            Err(String::new())
+                        };
+                        self.model = new_model;
+                        old_verdict.map_err(|_| problem)
+                    }
+                    (verdict, _) => verdict,
+                };
                 if let Err(problem) = verdict {
                     self.fail(format!(
                         "a flipped bit (byte {} of journal block seq {}, chain [{chain_from_seq}, \
@@ -1625,18 +1900,47 @@ impl Simulation {
             "recovered through op {op}, but a flush covered op {}",
             self.flushed_op
         );
-        sim_assert!(
-            self,
-            op <= self.numbered_op,
-            "recovered op {op}, but only {} were given out",
-            self.numbered_op
-        );
-        if let Err(problem) = self.compare_recovered(&recovered.map, &image, op) {
-            self.fail(format!("recovered state after op {op} is wrong: {problem}"));
+        let verdict = if op <= self.numbered_op {
+            self.compare_recovered(&recovered.map, &image, op)
+        } else {
+            Err(format!("only {} ops were given out", self.numbered_op))
+        };
+        if let Err(problem) = verdict {
+            // A discard not durable yet may be undone: then the old history is what was recovered.
+            let Some(Undiscarded {
+                model,
+                numbered_op,
+                durable: false,
+                ..
+            }) = self.undiscarded.take()
+            else {
+                self.fail(format!("recovered state after op {op} is wrong: {problem}"));
+            };
+            let new_model = std::mem::replace(&mut self.model, model);
+            let old_verdict = if op <= numbered_op {
+                self.compare_recovered(&recovered.map, &image, op)
+            } else {
+                Err(format!("only {numbered_op} ops were given out"))
+            };
+            if let Err(old_problem) = old_verdict {
+                self.model = new_model;
+                self.fail(format!(
+                    "recovered state after op {op} is wrong: {problem}; and it is not the history \
+                     a discard dropped either: {old_problem}"
+                ));
+            }
+            self.numbered_op = numbered_op;
+            self.stats.discards_undone += 1;
         }
-        if self.rng.chance(1, self.config.corruption_one_in) {
+        // Damage may undo one discard (see `check_corruption_detected`), not several.
+        let discards = self
+            .undiscarded
+            .as_ref()
+            .map_or(0, |undiscarded| undiscarded.discards);
+        if discards <= 1 && self.rng.chance(1, self.config.corruption_one_in) {
             self.check_corruption_detected(&image, recovered.live_from_seq, recovered.next_seq);
         }
+        self.undiscarded = None;
         let allocator = match allocator_for(&self.superblock, &recovered.map) {
             Ok(allocator) => allocator,
             Err(problem) => self.fail(format!("recovered map: {problem}")),
@@ -1666,6 +1970,10 @@ impl Simulation {
         self.errored_ops.retain(|&errored| errored <= op);
         self.power_cut_at_step = None;
         self.device.faults = self.arm_faults();
+        self.commit_limit = u64::MAX;
+        if self.replication {
+            self.copy.set_note_outbox(true);
+        }
         let stats = self.copy.stats();
         sim_assert!(
             self,
@@ -1676,6 +1984,9 @@ impl Simulation {
 
     /// Liveness: with no new requests, every outstanding request completes.
     fn drain(&mut self) {
+        if self.commit_limit != u64::MAX {
+            self.call(Call::SetCommitLimit(u64::MAX));
+        }
         let mut idle_iterations = 0;
         for _ in 0..DRAIN_ITERATIONS_MAX {
             let mut completions = 0;
@@ -2018,4 +2329,158 @@ fn recovery_detects_damage_vouched_for_by_the_furthest_block_in_flight() {
             intact.committed_op
         ),
     }
+}
+
+/// The replication operations in small: commit limit, created notes, applied notes and their
+/// refusals, and a discard that fails the request it drops and reuses its op number.
+#[test]
+fn replication_operations_in_small() {
+    use crate::volume::copy::ApplyError;
+
+    let superblock = Superblock {
+        volume_id: 5,
+        name: "small".to_owned(),
+        volume_size: 64 << 10,
+        journal_offset: JOURNAL_BLOCK_BYTES as u64,
+        journal_bytes: 64 * JOURNAL_BLOCK_BYTES as u64,
+        data_offset: 65 * JOURNAL_BLOCK_BYTES as u64,
+        data_bytes: 128 << 10,
+    };
+    let mut device = SimDevice::new(
+        vec![0u8; superblock.store_bytes() as usize],
+        superblock.journal_offset,
+        64,
+        Rng::new(1),
+    );
+    let mut copy = VolumeCopy::new(
+        superblock.clone(),
+        Recovered::empty(),
+        Allocator::new(superblock.data_bytes),
+        Durability::Dsync,
+    );
+    let mut done = VecDeque::new();
+    let settle =
+        |copy: &mut VolumeCopy, device: &mut SimDevice, done: &mut VecDeque<IoCompletion>| {
+            for _ in 0..8 {
+                copy.end_iteration(device, done);
+                while let Some((tag, result)) = device.complete_random() {
+                    copy.complete(tag, result, device, done);
+                }
+            }
+        };
+    let write = |id: u64, offset: u64| {
+        let mut buf = AlignedBuf::with_capacity(4096);
+        buf.set_len(4096);
+        buf.as_mut_slice().fill(id as u8);
+        IoRequest {
+            volume: 0,
+            kind: IoKind::Write,
+            flags: IoFlags::empty(),
+            offset,
+            length: 4096,
+            buf,
+            origin: origin_of(id),
+        }
+    };
+    copy.set_note_outbox(true);
+    copy.set_commit_limit(0, &mut device, &mut done);
+    copy.submit(write(1, 0), &mut device, &mut done);
+    settle(&mut copy, &mut device, &mut done);
+    assert_eq!(copy.committed_op(), 0, "held back by the commit limit");
+    assert!(done.is_empty());
+    let mut created = Vec::new();
+    copy.take_created_notes(&mut created);
+    assert_eq!(created.len(), 1);
+    assert_eq!(
+        (created[0].op, created[0].kind, created[0].length),
+        (1, replication::NoteKind::Write, 4096)
+    );
+    assert!(created[0].data.iter().all(|&byte| byte == 1));
+    copy.set_commit_limit(u64::MAX, &mut device, &mut done);
+    assert_eq!(
+        copy.committed_op(),
+        1,
+        "raising the limit commits what is durable"
+    );
+    assert_eq!(done.pop_front().map(|c| c.result), Some(Ok(4096)));
+
+    // Applied notes: in order only, well-formed only.
+    let note = |op: u64, kind, offset: u64, length: u64, data: Vec<u8>| NoteMessage {
+        op,
+        kind,
+        offset,
+        length,
+        data,
+    };
+    let trim = replication::NoteKind::Trim;
+    assert_eq!(
+        copy.apply_note(note(3, trim, 0, 512, vec![]), &mut device, &mut done),
+        Err(ApplyError::OutOfOrder {
+            expected: 2,
+            got: 3
+        })
+    );
+    assert!(matches!(
+        copy.apply_note(note(2, trim, 100, 512, vec![]), &mut device, &mut done),
+        Err(ApplyError::Range { .. })
+    ));
+    assert!(matches!(
+        copy.apply_note(note(2, trim, 64 << 10, 512, vec![]), &mut device, &mut done),
+        Err(ApplyError::Range { .. })
+    ));
+    assert!(matches!(
+        copy.apply_note(
+            note(2, replication::NoteKind::Write, 0, 4096, vec![7; 512]),
+            &mut device,
+            &mut done
+        ),
+        Err(ApplyError::DataLength { .. })
+    ));
+    copy.apply_note(note(2, trim, 0, 4096, vec![]), &mut device, &mut done)
+        .expect("in order");
+    settle(&mut copy, &mut device, &mut done);
+    assert_eq!(copy.committed_op(), 2);
+    let completion = done.pop_front().expect("applied note completes");
+    assert!(completion.origin.is_replication() && completion.result.is_ok());
+    created.clear();
+    copy.take_created_notes(&mut created);
+    assert!(created.is_empty(), "applied notes are not created here");
+    // Changed since: op 1 wrote [0, 4096), op 2 trimmed it; both count after op 0, neither after 2.
+    let whole = |offset, length| replication::ByteRange { offset, length };
+    assert_eq!(copy.changed_since(0), vec![whole(0, 4096)]);
+    assert_eq!(copy.changed_since(1), vec![whole(0, 4096)], "a trim counts");
+    assert!(copy.changed_since(2).is_empty());
+
+    // Discard: the uncommitted write fails, its op number is given out again.
+    copy.set_commit_limit(2, &mut device, &mut done);
+    copy.submit(write(3, 8192), &mut device, &mut done);
+    settle(&mut copy, &mut device, &mut done);
+    assert_eq!(copy.next_op(), 4);
+    copy.discard_uncommitted(&mut device, &mut done);
+    settle(&mut copy, &mut device, &mut done);
+    assert_eq!(
+        done.pop_front().map(|c| (request_of(c.origin), c.result)),
+        Some((3, Err(VolumeError::Fenced)))
+    );
+    assert_eq!((copy.committed_op(), copy.next_op()), (2, 3));
+    copy.set_commit_limit(u64::MAX, &mut device, &mut done);
+    copy.submit(write(4, 8192), &mut device, &mut done);
+    settle(&mut copy, &mut device, &mut done);
+    assert_eq!(copy.committed_op(), 3);
+    assert_eq!(done.pop_front().map(|c| request_of(c.origin)), Some(4));
+    // After a durable discard, recovery never brings the dropped note back.
+    device.power_cut();
+    let recovered = recover_image(&superblock, &device.durable).expect("recovers");
+    assert_eq!(recovered.committed_op, 3);
+    let mut mappings = Vec::new();
+    recovered.map.lookup(8192, 4096, &mut mappings);
+    let crate::btree::Mapping::Mapped(extent) = mappings[0] else {
+        panic!("op 3 is mapped");
+    };
+    let at = (superblock.data_offset
+        + match extent.location {
+            Location::Data(address) => address,
+            Location::Zero => panic!("data"),
+        }) as usize;
+    assert!(device.durable[at..at + 4096].iter().all(|&byte| byte == 4));
 }

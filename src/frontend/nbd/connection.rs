@@ -607,7 +607,8 @@ fn error_reply(cookie: u64, errno: NbdErrno, structured: bool, slot: u16) -> Rep
 
 fn nbd_errno(error: VolumeError) -> NbdErrno {
     match error {
-        VolumeError::Io(_) => NbdErrno::Io,
+        // A fenced note's outcome is unknown, as for an interrupted write: EIO.
+        VolumeError::Io(_) | VolumeError::Fenced => NbdErrno::Io,
         VolumeError::NoSpace => NbdErrno::NoSpc,
         VolumeError::NotSupported => NbdErrno::NotSup,
         VolumeError::Invalid => NbdErrno::Inval,
