@@ -13,22 +13,30 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         // clap lets --config and --node come only together.
-        Command::Serve(ServeArgs {
-            config: Some(config),
-            node: Some(node),
-            ..
-        }) => match ferroblock::cluster::command::load_serve_node(&config, &node) {
+        Command::Serve(
+            args_for_cluster @ ServeArgs {
+                config: Some(_),
+                node: Some(_),
+                ..
+            },
+        ) => match ferroblock::cluster::command::load_serve_node(&config, &node) {
             Err(error) => {
                 eprintln!("ferroblock: {error}");
                 ExitCode::from(2)
             }
-            Ok(_cluster) => {
-                eprintln!(
-                    "ferroblock: replicated serving is not wired yet (node {node} of {}); \
-                         serve without --config/--node for a single-node volume",
-                    config.display()
-                );
-                ExitCode::from(1)
+            Ok(cluster) => {
+                let serve = ServeArgs {
+                    config: None,
+                    node: None,
+                    ..args_for_cluster
+                };
+                match ferroblock::server::serve_node(&cluster, &node, serve.into_config()) {
+                    Ok(()) => ExitCode::SUCCESS,
+                    Err(error) => {
+                        eprintln!("ferroblock: {error}");
+                        ExitCode::from(1)
+                    }
+                }
             }
         },
         Command::Serve(args) => match ferroblock::server::serve(args.into_config()) {

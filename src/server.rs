@@ -42,6 +42,8 @@ pub enum ServeError {
     },
     #[error("cannot install signal handlers: {0}")]
     Signals(std::io::Error),
+    #[error("authority: {0}")]
+    Authority(String),
     #[error("reactor {reactor} failed: {source}")]
     ReactorFailed {
         reactor: usize,
@@ -102,29 +104,74 @@ pub fn serve(config: ServeConfig) -> Result<(), ServeError> {
     if volume.flush_is_global() {
         flags |= TransmissionFlags::CAN_MULTI_CONN;
     }
-    let exports: Arc<[ExportInfo]> = Arc::from(vec![ExportInfo {
-        name: config.volume.clone(),
-        description: format!("ferroblock {:?} volume", config.backend).to_lowercase(),
+    let exports: Arc<[ExportInfo]> = Arc::from(vec![ExportInfo::new(
+        config.volume.clone(),
+        format!("ferroblock {:?} volume", config.backend).to_lowercase(),
         size_bytes,
         flags,
-    }]);
-    let owners: Arc<[u16]> = Arc::from(vec![0u16]);
+    )]);
+    run(Plan {
+        listen: config.listen,
+        volumes: vec![volume],
+        exports,
+        cores: config.cores.clone(),
+        poll_mode: config.poll_mode,
+        spin: config.spin,
+        metrics: config.metrics,
+        replication: None,
+        status: None,
+        describe: format!("backend {:?}", config.backend).to_lowercase(),
+    })
+}
 
-    let listener = std::net::TcpListener::bind(config.listen)
+/// What `run` starts: the volumes (all on the first reactor) and how they are served.
+struct Plan {
+    listen: std::net::SocketAddr,
+    volumes: Vec<Volume>,
+    exports: Arc<[ExportInfo]>,
+    cores: Vec<usize>,
+    poll_mode: crate::reactor::PollMode,
+    spin: std::time::Duration,
+    metrics: Option<std::net::SocketAddr>,
+    replication: Option<crate::replication::hub::ReplicationHub>,
+    status: Option<Arc<crate::cluster::status::StatusBoard>>,
+    describe: String,
+}
+
+/// Starts the reactors of a plan and waits for them to stop.
+fn run(plan: Plan) -> Result<(), ServeError> {
+    let Plan {
+        listen,
+        volumes,
+        exports,
+        cores,
+        poll_mode,
+        spin,
+        metrics: metrics_address,
+        replication,
+        status,
+        describe,
+    } = plan;
+    let owners: Arc<[u16]> = Arc::from(vec![0u16; volumes.len()]);
+    let listener = std::net::TcpListener::bind(listen)
         .and_then(|listener| listener.set_nonblocking(true).map(|()| listener))
         .map_err(|source| ServeError::Listen {
-            address: config.listen,
+            address: listen,
             source,
         })?;
     let local = listener.local_addr().map_err(|source| ServeError::Listen {
-        address: config.listen,
+        address: listen,
         source,
     })?;
     let mut listener = Some(mio::net::TcpListener::from_std(listener));
 
-    let reactors = config.cores.len();
-    let metrics = Arc::new(Metrics::new(&[config.volume.as_str()], reactors));
-    if let Some(address) = config.metrics {
+    let reactors = cores.len();
+    let names: Vec<&str> = exports.iter().map(|export| export.name.as_str()).collect();
+    let metrics = Arc::new(Metrics::new(&names, reactors));
+    if let Some(board) = status {
+        let _ = metrics.attach_status(board);
+    }
+    if let Some(address) = metrics_address {
         let bound = crate::metrics::serve(address, metrics.clone())
             .map_err(|source| ServeError::Listen { address, source })?;
         tracing::info!(address = %bound, "metrics at http://{bound}/metrics");
@@ -147,23 +194,22 @@ pub fn serve(config: ServeConfig) -> Result<(), ServeError> {
     let free: Vec<usize> = allowed
         .iter()
         .copied()
-        .filter(|core| !config.cores.contains(core))
+        .filter(|core| !cores.contains(core))
         .collect();
     let worker_cpus = if free.is_empty() { allowed } else { free };
-    let mut volume = Some(volume);
+    let mut volumes = Some(volumes);
+    let mut replication = replication;
     let mut handles = Vec::with_capacity(reactors);
     for (id, poll) in polls.into_iter().enumerate() {
         let setup = ReactorSetup {
             id,
-            core: Some(core_affinity::CoreId {
-                id: config.cores[id],
-            }),
-            poll_mode: config.poll_mode,
-            spin: config.spin,
+            core: Some(core_affinity::CoreId { id: cores[id] }),
+            poll_mode,
+            spin,
             poll,
             listener: if id == 0 { listener.take() } else { None },
             volumes: if id == 0 {
-                volume.take().into_iter().collect()
+                volumes.take().unwrap_or_default()
             } else {
                 Vec::new()
             },
@@ -173,6 +219,7 @@ pub fn serve(config: ServeConfig) -> Result<(), ServeError> {
             shutdown: shutdown.clone(),
             metrics: metrics.clone(),
             worker_cpus: worker_cpus.clone(),
+            replication: if id == 0 { replication.take() } else { None },
         };
         let reactor = Reactor::new(setup).map_err(|source| ServeError::Reactor {
             reactor: id,
@@ -189,17 +236,12 @@ pub fn serve(config: ServeConfig) -> Result<(), ServeError> {
     }
 
     install_signal_handlers(shutdown.clone(), mailboxes.clone())?;
-    tracing::info!(
-        address = %local, volume = %config.volume, size_bytes, backend = ?config.backend,
-        cores = ?config.cores, poll = ?config.poll_mode, "serving"
-    );
-    // The one line on stdout: scripts and tests read the URI from it.
+    tracing::info!(address = %local, volumes = ?names, %describe, cores = ?cores, poll = ?poll_mode, "serving");
+    // The one line on stdout per volume: scripts and tests read the URI from it.
     let mut stdout = std::io::stdout().lock();
-    let _ = writeln!(
-        stdout,
-        "ferroblock: serving nbd://{local}/{}",
-        config.volume
-    );
+    for name in &names {
+        let _ = writeln!(stdout, "ferroblock: serving nbd://{local}/{name}");
+    }
     let _ = stdout.flush();
     drop(stdout);
 
@@ -220,6 +262,126 @@ pub fn serve(config: ServeConfig) -> Result<(), ServeError> {
     }
     tracing::info!("shut down cleanly");
     first_error.map_or(Ok(()), Err)
+}
+
+/// Serves one node of a cluster: every volume the node holds, replicated with its peer.
+pub fn serve_node(
+    cluster: &crate::cluster::config::ClusterConfig,
+    node_id: &str,
+    config: ServeConfig,
+) -> Result<(), ServeError> {
+    use crate::cluster::authority::FileAuthority;
+    use crate::replication::hub::{HubSettings, ReplicatedVolume, ReplicationHub};
+    use crate::replication::peer::Timing;
+
+    let node = cluster.node(node_id).expect("checked by load_serve_node");
+    std::fs::create_dir_all(&node.data_dir).map_err(|source| ServeError::DataDir {
+        path: node.data_dir.clone(),
+        source,
+    })?;
+    let settings = &cluster.cluster;
+    let timing = Timing {
+        heartbeat_interval_us: settings.heartbeat_interval_ms * 1000,
+        lease_timeout_us: settings.lease_timeout_ms * 1000,
+        takeover_timeout_us: settings.takeover_timeout_ms * 1000,
+    };
+    let held: Vec<_> = cluster
+        .volumes
+        .iter()
+        .filter(|volume| volume.peers.iter().any(|peer| peer == node_id))
+        .collect();
+    let names: Vec<&str> = held.iter().map(|volume| volume.name.as_str()).collect();
+    let board = Arc::new(crate::cluster::status::StatusBoard::new(node_id, &names));
+    let mut volumes = Vec::new();
+    let mut export_list = Vec::new();
+    let mut replicated = Vec::new();
+    for (index, volume_config) in held.iter().enumerate() {
+        let path = node.data_dir.join(format!("{}.fbv", volume_config.name));
+        let opened = open_copy(
+            &path,
+            &volume_config.name,
+            Some(volume_config.size_bytes),
+            false,
+            config.durability,
+            config.preallocate,
+        )?;
+        let size_bytes = opened.copy.superblock().volume_size;
+        let mut volume = Volume::new(
+            index as u32,
+            size_bytes,
+            Store::Persistent {
+                copy: Box::new(opened.copy),
+                file: opened.file,
+            },
+        );
+        volume.set_gate(crate::volume::ServingGate {
+            writes: false,
+            reads: false,
+        });
+        volumes.push(volume);
+        let export = ExportInfo::new(
+            volume_config.name.clone(),
+            format!("ferroblock replicated volume ({node_id})"),
+            size_bytes,
+            TransmissionFlags::SEND_FLUSH
+                | TransmissionFlags::SEND_FUA
+                | TransmissionFlags::SEND_TRIM
+                | TransmissionFlags::SEND_WRITE_ZEROES
+                | TransmissionFlags::SEND_CACHE
+                | TransmissionFlags::SEND_FAST_ZERO
+                | TransmissionFlags::CAN_MULTI_CONN,
+        );
+        export
+            .offered
+            .store(false, std::sync::atomic::Ordering::Relaxed);
+        let authority = FileAuthority::open(&settings.authority).map_err(|error| {
+            ServeError::Authority(format!("{}: {error}", settings.authority.display()))
+        })?;
+        let mut replica = ReplicatedVolume::new(
+            index as u32,
+            &volume_config.name,
+            node_id,
+            timing,
+            Box::new(authority),
+            Some((board.clone(), index)),
+        );
+        replica.offered = Some(export.offered.clone());
+        replicated.push(replica);
+        export_list.push(export);
+    }
+    let listener = std::net::TcpListener::bind(node.replication)
+        .and_then(|listener| listener.set_nonblocking(true).map(|()| listener))
+        .map_err(|source| ServeError::Listen {
+            address: node.replication,
+            source,
+        })?;
+    let hub = ReplicationHub::new(
+        HubSettings {
+            node: node_id.to_string(),
+            secret: settings.secret.as_bytes().to_vec(),
+            timing,
+            addresses: cluster
+                .nodes
+                .iter()
+                .map(|node| (node.id.clone(), node.replication))
+                .collect(),
+        },
+        mio::net::TcpListener::from_std(listener),
+        replicated,
+        crate::reactor::REPLICATION_TOKEN_BASE,
+    );
+    run(Plan {
+        listen: node.nbd,
+        volumes,
+        exports: Arc::from(export_list),
+        cores: config.cores.clone(),
+        poll_mode: config.poll_mode,
+        spin: config.spin,
+        metrics: Some(node.metrics),
+        replication: Some(hub),
+        status: Some(board),
+        describe: format!("cluster node {node_id}"),
+    })
 }
 
 /// SIGTERM / SIGINT start an orderly shutdown; a second one exits at once.

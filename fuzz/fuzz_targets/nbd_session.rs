@@ -14,12 +14,12 @@ const EXPORT_SIZE: u64 = 1 << 30;
 
 fuzz_target!(|data: &[u8]| {
     let Some((&split_seed, input)) = data.split_first() else { return };
-    let exports = [ExportInfo {
-        name: "vol0".into(),
-        description: String::new(),
-        size_bytes: EXPORT_SIZE,
-        flags: TransmissionFlags::SEND_FLUSH,
-    }];
+    let exports = [ExportInfo::new(
+        "vol0".into(),
+        String::new(),
+        EXPORT_SIZE,
+        TransmissionFlags::SEND_FLUSH,
+    )];
     let mut out = Vec::new();
     let mut negotiation = Negotiation::start(&mut out);
     // Deliver the bytes in chunks whose size derives from the first byte, as a socket might.

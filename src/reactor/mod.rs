@@ -23,6 +23,8 @@ use mio::{Events, Interest, Poll, Token};
 use crate::frontend::nbd::{CloseReason, Connection, ExportInfo};
 use crate::io::uring::Uring;
 use crate::metrics::Metrics;
+use crate::replication::hub::{ReplicaStore, ReplicationHub, StoreAccess};
+use crate::volume::replica::VolumeReplica;
 use crate::volume::{IoCompletion, IoRequest, Origin, SubmitIo, Volume, VolumeId};
 pub use mailbox::{Mailbox, Message};
 
@@ -104,7 +106,12 @@ pub struct ReactorSetup {
     pub metrics: Arc<Metrics>,
     /// Cores for the kernel's io-wq workers of this reactor's ring (see `Uring::set_worker_cpus`).
     pub worker_cpus: Vec<usize>,
+    /// The replication of the volumes this reactor owns (cluster nodes only).
+    pub replication: Option<ReplicationHub>,
 }
+
+/// First token of the replication hub's sockets (below it: the waker, listener, ring, connections).
+pub const REPLICATION_TOKEN_BASE: usize = 1 << 30;
 
 /// Routes requests to their volume's owner and completions back to their connection's reactor.
 struct IoRouter {
@@ -260,6 +267,7 @@ pub struct Reactor {
     counted_drained: bool,
     metrics: Arc<Metrics>,
     worker_cpus: Vec<usize>,
+    replication: Option<ReplicationHub>,
     /// Loop accounting gathered locally and published now and then (atomics are not free).
     pending_iterations: u64,
     pending_busy_ns: u64,
@@ -278,6 +286,10 @@ impl Reactor {
         let mut listener = setup.listener;
         if let Some(listener) = listener.as_mut() {
             registry.register(listener, LISTENER_TOKEN, Interest::READABLE)?;
+        }
+        let mut replication = setup.replication;
+        if let Some(hub) = replication.as_mut() {
+            hub.register(registry)?;
         }
         let reactors = setup.mailboxes.len();
         let mut volumes: Vec<Option<Volume>> = (0..setup.owners.len()).map(|_| None).collect();
@@ -315,6 +327,7 @@ impl Reactor {
             counted_drained: false,
             metrics: setup.metrics,
             worker_cpus: setup.worker_cpus,
+            replication,
             pending_iterations: 0,
             pending_busy_ns: 0,
             pending_idle_ns: 0,
@@ -335,6 +348,15 @@ impl Reactor {
         // io-wq belongs to the submitting thread: set its affinity from here, after pinning.
         if let Err(error) = self.router.uring.set_worker_cpus(&self.worker_cpus) {
             tracing::warn!(%error, "cannot set io_uring worker affinity: blocking IO shares the reactor's core");
+        }
+        if let Some(mut hub) = self.replication.take() {
+            let router = &mut self.router;
+            hub.start(&mut Stores {
+                volumes: &mut router.volumes,
+                uring: &mut router.uring,
+                done: &mut router.done,
+            });
+            self.replication = Some(hub);
         }
         let mut events = Events::with_capacity(EVENTS_PER_POLL);
         let mut last_work = Instant::now();
@@ -370,6 +392,11 @@ impl Reactor {
                     WAKER_TOKEN => {}
                     LISTENER_TOKEN => self.accept(),
                     URING_TOKEN => self.router.uring.drain_eventfd(),
+                    token if token.0 >= REPLICATION_TOKEN_BASE => {
+                        if let Some(hub) = self.replication.as_mut() {
+                            hub.on_event(self.poll.registry(), token);
+                        }
+                    }
                     Token(token) => {
                         let index = (token - FIRST_CONNECTION_TOKEN) as u32;
                         if let Some(Some(connection)) =
@@ -386,6 +413,10 @@ impl Reactor {
             self.deliver();
             self.end_volume_iterations();
             self.deliver();
+            if self.replication.is_some() {
+                self.run_replication();
+                self.deliver();
+            }
             self.run_timers();
             if let Err(error) = self.router.uring.submit() {
                 tracing::error!(reactor = self.id, %error, "io_uring submit failed");
@@ -399,6 +430,25 @@ impl Reactor {
                 return Ok(());
             }
         }
+    }
+
+    /// Lets the replication hub serve its sockets and drive its peers against the owned volumes.
+    fn run_replication(&mut self) {
+        let Some(mut hub) = self.replication.take() else {
+            return;
+        };
+        let router = &mut self.router;
+        let before = router.done.len();
+        hub.run(
+            self.poll.registry(),
+            &mut Stores {
+                volumes: &mut router.volumes,
+                uring: &mut router.uring,
+                done: &mut router.done,
+            },
+        );
+        router.send_foreign_completions(before);
+        self.replication = Some(hub);
     }
 
     fn publish_loop_metrics(&mut self) {
@@ -435,9 +485,17 @@ impl Reactor {
             self.mailbox().woke_up();
             return Some(Duration::ZERO);
         }
-        self.timers
+        let timer = self
+            .timers
             .peek()
-            .map(|Reverse((deadline, _, _))| deadline.saturating_duration_since(Instant::now()))
+            .map(|Reverse((deadline, _, _))| deadline.saturating_duration_since(Instant::now()));
+        match &self.replication {
+            Some(hub) => {
+                let tick = Duration::from_micros(hub.next_deadline_us());
+                Some(timer.map_or(tick, |timer| timer.min(tick)))
+            }
+            None => timer,
+        }
     }
 
     fn mark_dirty(&mut self, index: u32) {
@@ -674,5 +732,25 @@ impl Reactor {
             && self.router.done.is_empty()
             && !self.router.has_outbound()
             && self.mailbox().is_empty()
+    }
+}
+
+/// The reactor's volumes, lent to the replication hub one call at a time.
+struct Stores<'a> {
+    volumes: &'a mut [Option<Volume>],
+    uring: &'a mut Uring,
+    done: &'a mut VecDeque<IoCompletion>,
+}
+
+impl StoreAccess for Stores<'_> {
+    fn with(&mut self, volume: u32, f: &mut dyn FnMut(&mut dyn ReplicaStore)) {
+        if let Some(Some(volume)) = self.volumes.get_mut(volume as usize) {
+            let mut replica = VolumeReplica {
+                volume,
+                uring: self.uring,
+                done: self.done,
+            };
+            f(&mut replica);
+        }
     }
 }

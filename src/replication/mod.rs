@@ -16,3 +16,4 @@ pub mod peer;
 #[cfg(test)]
 mod sim;
 pub mod wire;
+pub mod hub;

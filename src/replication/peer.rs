@@ -592,6 +592,9 @@ impl Peer {
     /// Stops acting as master: uncommitted notes fail, nothing is served.
     fn fence(&mut self, actions: &mut Vec<Action>) {
         if matches!(self.role, Role::Master | Role::SoloMaster) {
+            // Nothing more commits here until the next membership says what this copy is.
+            let committed = self.committed;
+            self.set_commit_limit(committed, actions);
             actions.push(Action::DiscardUncommitted);
             self.retained.clear();
             self.pairing_floor = None;
@@ -988,10 +991,12 @@ impl Peer {
     }
 
     fn note_created(&mut self, note: NoteMessage, actions: &mut Vec<Action>) {
-        assert!(
-            matches!(self.role, Role::Master | Role::SoloMaster),
-            "only a master creates notes"
-        );
+        if !matches!(self.role, Role::Master | Role::SoloMaster) {
+            // A host write the copy accepted just before this peer lost its mastership (the driver
+            // learns of the change at the end of its pass): it must not commit here.
+            actions.push(Action::DiscardUncommitted);
+            return;
+        }
         if let Some(last) = self.retained.back() {
             assert_eq!(note.op, last.op + 1, "notes are created in op order");
         }

@@ -55,8 +55,9 @@ pub const HEADER_LEN: usize = 32;
 pub const NODE_NAME_MAX: usize = 64;
 /// Most repair ranges one `Hello` may carry (bounds the Hello payload to 64 KiB and change).
 pub const REPAIR_RANGES_MAX: usize = 4096;
-/// Largest data of one `Write` note or catch-up extent; longer writes are sent as several notes.
-pub const NOTE_DATA_MAX: usize = 4 * 1024 * 1024;
+/// Largest data of one `Write` note or catch-up extent: the largest NBD write (`REQUEST_LENGTH_MAX`,
+/// 32 MiB), because one host write is one note (an op number names one whole write).
+pub const NOTE_DATA_MAX: usize = 32 * 1024 * 1024;
 /// Size of a note before its data: op, kind, offset, length.
 pub const NOTE_HEADER_LEN: usize = 8 + 1 + 8 + 8;
 /// Largest frame of any kind, header included.

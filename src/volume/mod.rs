@@ -15,6 +15,7 @@ use bitflags::bitflags;
 
 pub mod copy;
 pub mod open;
+pub mod replica;
 #[cfg(test)]
 mod sim;
 
@@ -194,6 +195,15 @@ pub struct Volume {
     pub id: VolumeId,
     pub size_bytes: u64,
     store: Store,
+    /// A replicated volume serves hosts only as its replication peer allows (`replica`).
+    gate: Option<ServingGate>,
+}
+
+/// What a replicated volume may serve now, set by its replication peer every reactor iteration.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ServingGate {
+    pub writes: bool,
+    pub reads: bool,
 }
 
 impl Volume {
@@ -202,6 +212,7 @@ impl Volume {
             id,
             size_bytes,
             store,
+            gate: None,
         }
     }
 
@@ -215,6 +226,21 @@ impl Volume {
     ) {
         debug_assert_eq!(request.volume, self.id);
         debug_assert!(request.offset + u64::from(request.length) <= self.size_bytes);
+        if let Some(gate) = self.gate {
+            let allowed = match request.kind {
+                IoKind::Read | IoKind::BlockStatus | IoKind::Cache => gate.reads,
+                IoKind::Write | IoKind::Trim | IoKind::WriteZeroes | IoKind::Flush => gate.writes,
+            };
+            if !allowed {
+                // Not (or no longer) this volume's serving master: nothing is read or applied.
+                done.push_back(IoCompletion {
+                    origin: request.origin,
+                    result: Err(VolumeError::Io(libc::EIO)),
+                    buf: request.buf,
+                });
+                return;
+            }
+        }
         match &mut self.store {
             Store::Memory(memory) => done.push_back(memory.execute(request)),
             Store::Null => done.push_back(null_execute(request)),

@@ -6,6 +6,8 @@
 //! Must never: read past the bytes it was given, keep more than one option (at most `OPTION_LENGTH_MAX`
 //! bytes) in memory, or let a malformed option do anything but produce an error reply or a disconnect.
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use crate::frontend::nbd::proto::{
     self, BLOCK_SIZE_MIN, BLOCK_SIZE_PREFERRED, ClientFlags, HandshakeFlags, META_BASE_ALLOCATION,
     META_BASE_ALLOCATION_ID, NBDMAGIC, OPTION_HEADER_LEN, OPTION_LENGTH_MAX, REQUEST_LENGTH_MAX,
@@ -20,6 +22,25 @@ pub struct ExportInfo {
     pub size_bytes: u64,
     /// Flags before per-connection adjustments (SEND_DF depends on structured replies).
     pub flags: TransmissionFlags,
+    /// Whether the export is offered now: a replicated volume is offered only by its master (an
+    /// unoffered export is unknown to clients, as if it did not exist).
+    pub offered: Arc<AtomicBool>,
+}
+
+impl ExportInfo {
+    pub fn new(name: String, description: String, size_bytes: u64, flags: TransmissionFlags) -> ExportInfo {
+        ExportInfo {
+            name,
+            description,
+            size_bytes,
+            flags,
+            offered: Arc::new(AtomicBool::new(true)),
+        }
+    }
+
+    pub fn is_offered(&self) -> bool {
+        self.offered.load(Ordering::Relaxed)
+    }
 }
 
 /// Why a negotiation ended without a transmission phase.
@@ -221,7 +242,7 @@ impl Negotiation {
                     error_reply(out, option, rep::ERR_INVALID, "NBD_OPT_LIST takes no data");
                     return None;
                 }
-                for export in exports {
+                for export in exports.iter().filter(|export| export.is_offered()) {
                     let mut entry =
                         Vec::with_capacity(4 + export.name.len() + export.description.len());
                     entry.extend_from_slice(&(export.name.len() as u32).to_be_bytes());
@@ -435,10 +456,12 @@ impl Negotiation {
 
 /// The empty name selects the first (default) export.
 fn find_export(exports: &[ExportInfo], name: &str) -> Option<usize> {
-    if name.is_empty() && !exports.is_empty() {
-        return Some(0);
-    }
-    exports.iter().position(|export| export.name == name)
+    let index = if name.is_empty() && !exports.is_empty() {
+        0
+    } else {
+        exports.iter().position(|export| export.name == name)?
+    };
+    exports[index].is_offered().then_some(index)
 }
 
 fn error_reply(out: &mut Vec<u8>, option: u32, reply_type: u32, message: &str) {
@@ -451,12 +474,12 @@ mod tests {
     use crate::frontend::nbd::proto::{IHAVEOPT, OPTION_REPLY_MAGIC, be_u32, be_u64};
 
     fn exports() -> Vec<ExportInfo> {
-        vec![ExportInfo {
-            name: "vol0".into(),
-            description: String::new(),
-            size_bytes: 1 << 20,
-            flags: TransmissionFlags::SEND_FLUSH | TransmissionFlags::SEND_FUA,
-        }]
+        vec![ExportInfo::new(
+            "vol0".into(),
+            String::new(),
+            1 << 20,
+            TransmissionFlags::SEND_FLUSH | TransmissionFlags::SEND_FUA,
+        )]
     }
 
     fn option(number: u32, data: &[u8]) -> Vec<u8> {

@@ -1,0 +1,358 @@
+//! Two real nodes replicating a volume on loopback: writes through a real NBD client, SIGKILL of the
+//! master and of the slave, restarts that catch up by op number, and a cut link (through a proxy the
+//! test controls) after which exactly one node serves.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::{Shutdown, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use common::*;
+use ferroblock::cluster::report::ClusterReport;
+
+const WAIT: Duration = Duration::from_secs(60);
+const CLIENT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/crash_client.py");
+
+fn ferroblock(args: &[&str]) -> Output {
+    run_bounded(
+        Command::new(ferroblock_bin()).args(args),
+        Duration::from_secs(30),
+    )
+}
+
+/// A base port P with P..P+1, P+100..P+101 and P+200..P+201 free a moment ago.
+fn free_base_port() -> u16 {
+    loop {
+        let port = TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let Some(base) = port.checked_sub(0).filter(|p| *p > 1024 && *p < 65000 - 202) else {
+            continue;
+        };
+        let free = [0u16, 1, 100, 101, 200, 201]
+            .iter()
+            .all(|offset| TcpListener::bind(("127.0.0.1", base + offset)).is_ok());
+        if free {
+            return base;
+        }
+    }
+}
+
+struct Cluster {
+    _dir: TempDir,
+    config: PathBuf,
+    base_port: u16,
+}
+
+impl Cluster {
+    fn init(tag: &str) -> Cluster {
+        let dir = TempDir::new(tag);
+        let base_port = free_base_port();
+        let out = ferroblock(&[
+            "cluster",
+            "init",
+            dir.join("c").to_str().unwrap(),
+            "--nodes",
+            "2",
+            "--base-port",
+            &base_port.to_string(),
+        ]);
+        assert!(out.status.success(), "cluster init: {}", describe(&out));
+        let config = dir.join("c").join("cluster.toml");
+        Cluster {
+            _dir: dir,
+            config,
+            base_port,
+        }
+    }
+
+    fn start(&self, node: &str) -> Server {
+        self.start_with(node, &self.config)
+    }
+
+    fn start_with(&self, node: &str, config: &Path) -> Server {
+        Server::start_raw(&[
+            "serve",
+            "--config",
+            config.to_str().unwrap(),
+            "--node",
+            node,
+            "--sparse",
+        ])
+    }
+
+    fn uri(&self, node: &str) -> String {
+        let index: u16 = node[1..].parse().unwrap();
+        format!("nbd://127.0.0.1:{}/vol0", self.base_port + index - 1)
+    }
+
+    fn status(&self) -> ClusterReport {
+        let out = ferroblock(&["status", "--config", self.config.to_str().unwrap(), "--json"]);
+        assert_eq!(out.status.code(), Some(0), "{}", describe(&out));
+        serde_json::from_slice(&out.stdout)
+            .unwrap_or_else(|error| panic!("status --json ({error}): {}", describe(&out)))
+    }
+
+    /// The role each node reports for vol0 (`offline` when it does not answer).
+    fn roles(&self) -> Vec<(String, String)> {
+        let report = self.status();
+        let volume = report
+            .volumes
+            .iter()
+            .find(|volume| volume.name == "vol0")
+            .expect("vol0 in the report");
+        volume
+            .peers
+            .iter()
+            .map(|peer| (peer.node.clone(), peer.role.clone()))
+            .collect()
+    }
+
+    /// Polls `ferroblock status` until `n1` and `n2` show these roles.
+    fn wait_roles(&self, n1: &str, n2: &str) {
+        let deadline = Instant::now() + WAIT;
+        let wanted = vec![("n1".to_string(), n1.to_string()), ("n2".to_string(), n2.to_string())];
+        loop {
+            let roles = self.roles();
+            if roles == wanted {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "roles are {roles:?}, waited {WAIT:?} for {wanted:?}"
+            );
+            thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Polls until both peers report the same commit watermark (the slave holds everything).
+    fn wait_in_sync(&self) {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let report = self.status();
+            let volume = &report.volumes[0];
+            let committed: Vec<Option<u64>> = volume.peers.iter().map(|p| p.committed).collect();
+            if committed.iter().all(Option::is_some) && committed.windows(2).all(|w| w[0] == w[1])
+            {
+                return;
+            }
+            assert!(Instant::now() < deadline, "peers never in sync: {volume:?}");
+            thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+fn qemu_io_refused(uri: &str) {
+    require_tool("qemu-io");
+    let out = run_bounded(
+        Command::new("qemu-io").args(["-f", "raw", "-c", "read 0 4k", uri]),
+        DEADLINE,
+    );
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        !out.status.success() || text.contains("failed"),
+        "{uri} should not be served here: {}",
+        describe(&out)
+    );
+}
+
+#[test]
+fn master_and_slave_fail_over_both_ways_and_catch_up() {
+    let cluster = Cluster::init("repl-failover");
+    let mut n1 = cluster.start("n1");
+    let mut n2 = cluster.start("n2");
+    cluster.wait_roles("master", "slave");
+    // Only the master offers the export.
+    qemu_io_refused(&cluster.uri("n2"));
+
+    // A: written through the master, acknowledged only once both copies committed it.
+    qemu_io(
+        &cluster.uri("n1"),
+        &["write -P 0xa1 0 1M", "write -P 0xa2 8M 64k", "write -z 12M 64k"],
+    );
+    qemu_io(&cluster.uri("n1"), &["read -P 0xa1 0 1M", "read -P 0xa2 8M 64k"]);
+    cluster.wait_in_sync();
+
+    // The master dies: the slave takes over with everything acknowledged.
+    n1.signal(libc::SIGKILL);
+    n1.wait_exit(DEADLINE);
+    cluster.wait_roles("offline", "solo-master");
+    qemu_io(
+        &cluster.uri("n2"),
+        &["read -P 0xa1 0 1M", "read -P 0xa2 8M 64k", "read -P 0 12M 64k"],
+    );
+    // B: written while n1 is down.
+    qemu_io(&cluster.uri("n2"), &["write -P 0xb1 512k 1M", "write -P 0xb2 20M 4k"]);
+
+    // n1 returns: caught up by op number (the ops after its watermark), then paired as slave.
+    let mut n1 = cluster.start("n1");
+    cluster.wait_roles("slave", "master");
+    cluster.wait_in_sync();
+    qemu_io_refused(&cluster.uri("n1"));
+
+    // The slave dies: the master goes on alone.
+    n1.signal(libc::SIGKILL);
+    n1.wait_exit(DEADLINE);
+    cluster.wait_roles("offline", "solo-master");
+    qemu_io(&cluster.uri("n2"), &["write -P 0xc1 30M 128k"]);
+    // It returns and catches up again.
+    let _n1 = cluster.start("n1");
+    cluster.wait_roles("slave", "master");
+    cluster.wait_in_sync();
+
+    // Now the other master dies: n1 serves A, B and C.
+    n2.signal(libc::SIGKILL);
+    n2.wait_exit(DEADLINE);
+    cluster.wait_roles("solo-master", "offline");
+    qemu_io(
+        &cluster.uri("n1"),
+        &[
+            "read -P 0xa1 0 512k",
+            "read -P 0xb1 512k 1M",
+            "read -P 0xa2 8M 64k",
+            "read -P 0 12M 64k",
+            "read -P 0xb2 20M 4k",
+            "read -P 0xc1 30M 128k",
+        ],
+    );
+}
+
+#[test]
+fn master_killed_mid_write_loses_no_acknowledged_write() {
+    require_python_libnbd();
+    let cluster = Cluster::init("repl-crash");
+    let mut n1 = cluster.start("n1");
+    let _n2 = cluster.start("n2");
+    cluster.wait_roles("master", "slave");
+    let log = cluster._dir.join("writes.log");
+    let mut writer = Command::new("/usr/bin/python3")
+        .args([CLIENT, "write", &cluster.uri("n1"), log.to_str().unwrap(), "7"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start the crash client");
+    // Kill once a good number of writes were acknowledged (and more are in flight).
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let acked = std::fs::read_to_string(&log)
+            .unwrap_or_default()
+            .lines()
+            .filter(|line| line.starts_with('A'))
+            .count();
+        if acked >= 400 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "only {acked} writes acknowledged");
+        thread::sleep(Duration::from_millis(20));
+    }
+    n1.signal(libc::SIGKILL);
+    n1.wait_exit(DEADLINE);
+    let _ = wait_child(&mut writer, DEADLINE);
+    cluster.wait_roles("offline", "solo-master");
+    let out = run_bounded(
+        Command::new("/usr/bin/python3").args([
+            CLIENT,
+            "verify",
+            &cluster.uri("n2"),
+            log.to_str().unwrap(),
+        ]),
+        DEADLINE,
+    );
+    assert!(out.status.success(), "verify on the new master: {}", describe(&out));
+}
+
+/// A TCP proxy the test can cut: `cut` stalls both directions without closing (a partition).
+struct Proxy {
+    address: String,
+    cut: Arc<AtomicBool>,
+}
+
+impl Proxy {
+    fn start(target: String) -> Proxy {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let address = listener.local_addr().unwrap().to_string();
+        let cut = Arc::new(AtomicBool::new(false));
+        let cut_flag = cut.clone();
+        thread::spawn(move || {
+            for client in listener.incoming() {
+                let Ok(client) = client else { return };
+                let Ok(server) = TcpStream::connect(&target) else {
+                    continue;
+                };
+                for (mut from, mut to) in [
+                    (client.try_clone().unwrap(), server.try_clone().unwrap()),
+                    (server, client),
+                ] {
+                    let cut = cut_flag.clone();
+                    thread::spawn(move || {
+                        let mut buf = [0u8; 65536];
+                        loop {
+                            match from.read(&mut buf) {
+                                Ok(0) | Err(_) => break,
+                                Ok(n) => {
+                                    // A partition: bytes vanish, nobody is told.
+                                    if cut.load(Ordering::SeqCst) {
+                                        continue;
+                                    }
+                                    if to.write_all(&buf[..n]).is_err() {
+                                        break;
+                                    }
+                                }
+                            }
+                        }
+                        let _ = to.shutdown(Shutdown::Write);
+                    });
+                }
+            }
+        });
+        Proxy { address, cut }
+    }
+}
+
+#[test]
+fn a_cut_link_leaves_exactly_one_node_serving() {
+    let cluster = Cluster::init("repl-cut");
+    // n2 reaches n1's replication port through the proxy (the slave connects to the master).
+    let text = std::fs::read_to_string(&cluster.config).unwrap();
+    let n1_replication = format!("127.0.0.1:{}", cluster.base_port + 100);
+    let proxy = Proxy::start(n1_replication.clone());
+    let n2_config = cluster.config.with_file_name("cluster-n2.toml");
+    std::fs::write(
+        &n2_config,
+        text.replace(
+            &format!("replication = \"{n1_replication}\""),
+            &format!("replication = \"{}\"", proxy.address),
+        ),
+    )
+    .unwrap();
+    let _n1 = cluster.start("n1");
+    let _n2 = cluster.start_with("n2", &n2_config);
+    cluster.wait_roles("master", "slave");
+    qemu_io(&cluster.uri("n1"), &["write -P 0xd1 0 256k"]);
+    cluster.wait_in_sync();
+
+    proxy.cut.store(true, Ordering::SeqCst);
+    // The master's lease runs out first: it goes on alone; the slave's takeover then loses the
+    // compare-and-swap and it stops being a candidate.
+    cluster.wait_roles("solo-master", "catching-up");
+    qemu_io(&cluster.uri("n1"), &["write -P 0xd2 1M 256k", "read -P 0xd1 0 256k"]);
+    qemu_io_refused(&cluster.uri("n2"));
+
+    // Healed: the dropped peer catches up and they pair again.
+    proxy.cut.store(false, Ordering::SeqCst);
+    cluster.wait_roles("master", "slave");
+    cluster.wait_in_sync();
+    qemu_io(&cluster.uri("n1"), &["read -P 0xd2 1M 256k"]);
+}
