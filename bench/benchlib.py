@@ -1,6 +1,7 @@
-"""Shared helpers for bench/nbd-compare, bench/idle-cpu and bench/volume-compare: building, starting and
-stopping targets, reading a process's CPU time from /proc, describing the machine and the file system, and
-updating one section of RESULTS.md.
+"""Shared helpers for the scripts in bench/ (compare, nbd-compare, idle-cpu, volume-compare, ab-compare,
+loadgen-goals): building, starting and stopping targets (ferroblock, nbdkit, qemu-nbd, nbd-server), running
+the clients (`ferroblock bench`, fio) and parsing their output, reading a process's CPU time from /proc,
+describing the machine and the file system, and updating one section of RESULTS.md.
 
 Only processes started here are ever signalled, always by their own PID.
 """
@@ -23,7 +24,6 @@ BENCH_DIR = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(BENCH_DIR)
 RELEASE = os.path.join(ROOT, "target", "release")
 FERROBLOCK = os.path.join(RELEASE, "ferroblock")
-NBD_LOAD = os.path.join(RELEASE, "examples", "nbd-load")
 TCP_PINGPONG = os.path.join(RELEASE, "examples", "tcp-pingpong")
 VOLUME_BENCH = os.path.join(RELEASE, "examples", "volume-bench")
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -65,7 +65,7 @@ def command_line(env_prefixes=("BENCH_", "IDLE_")):
     return " ".join(env + [argv0] + [shlex.quote(arg) for arg in sys.argv[1:]])
 
 
-def build(examples=("nbd-load", "tcp-pingpong")):
+def build(examples=("tcp-pingpong",)):
     """cargo build --release of the server and the bench examples (one cargo invocation)."""
     command = ["cargo", "build", "--release", "--bin", "ferroblock"]
     for example in examples:
@@ -595,3 +595,332 @@ def compact_json(document):
 
 def make_log_dir(prefix):
     return tempfile.mkdtemp(prefix=prefix)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Process trees (nbd-server serves each connection from a forked child)
+
+
+def descendants(pid):
+    """`pid` and every process below it (from /proc/*/stat's ppid field)."""
+    children = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as handle:
+                stat = handle.read()
+        except OSError:
+            continue
+        parent = int(stat[stat.rindex(")") + 2:].split()[1])
+        children.setdefault(parent, []).append(int(entry))
+    found, todo = [], [pid]
+    while todo:
+        current = todo.pop()
+        found.append(current)
+        todo.extend(children.get(current, []))
+    return found
+
+
+class TreeCpuSampler(CpuSampler):
+    """CpuSampler whose keys listed in `trees` count the whole process tree below their pid (children that
+    appear during the window count from their birth; children that exit during it are lost)."""
+
+    def __init__(self, pids, trees=()):
+        super().__init__(pids)
+        self.trees = set(trees)
+
+    def _tree_nanos(self, pid):
+        return {child: cpu_nanos(child) or 0 for child in descendants(pid)}
+
+    def start(self):
+        super().start()
+        self.tree_begin = {key: self._tree_nanos(self.pids[key]) for key in self.trees}
+
+    def stop(self):
+        percent = super().stop()
+        elapsed = time.monotonic() - self.t0
+        for key in self.trees:
+            end = self._tree_nanos(self.pids[key])
+            begin = self.tree_begin.get(key, {})
+            nanos = sum(value - begin.get(child, 0) for child, value in end.items())
+            percent[key] = 100.0 * nanos / 1e9 / elapsed if elapsed > 0 else None
+        return percent
+
+
+# ----------------------------------------------------------------------------------------------------
+# nbd-server (Debian package nbd-server)
+
+
+class DaemonTarget(Target):
+    """A server that daemonizes (nbd-server): the process we started exits once the daemon is up; the
+    daemon's pid comes from its pid file and is the only one ever signalled."""
+
+    def __init__(self, name, kind, argv, log_path):
+        super().__init__(name, kind, argv, log_path)
+        self.daemon_pid = None
+
+    @property
+    def pid(self):
+        return self.daemon_pid
+
+    def alive(self):
+        if self.daemon_pid is None:
+            return False
+        try:
+            with open(f"/proc/{self.daemon_pid}/stat") as handle:
+                stat = handle.read()
+        except OSError:
+            return False
+        return stat[stat.rindex(")") + 2] != "Z"
+
+    def stop(self, timeout=15):
+        if self.daemon_pid is None:
+            return None
+        code = 0
+        if self.alive():
+            self.resume()
+            os.kill(self.daemon_pid, signal.SIGTERM)
+            deadline = time.monotonic() + timeout
+            while self.alive() and time.monotonic() < deadline:
+                time.sleep(0.05)
+            if self.alive():
+                log(f"{self.name}: no exit {timeout} s after SIGTERM; sending SIGKILL to pid {self.daemon_pid}")
+                os.kill(self.daemon_pid, signal.SIGKILL)
+                code = -signal.SIGKILL
+        self.exit_code = code
+        if self in _STARTED:
+            _STARTED.remove(self)
+        return code
+
+
+def start_nbd_server(cpus, log_dir, path, name="nbd-server", export="vol0"):
+    """nbd-server serving `path` as export `export` (its config section name; nbd-server refuses the empty
+    name) on a free port, from a config file written to `log_dir`, with FLUSH and FUA advertised (each
+    FLUSH an fdatasync). nbd-server forks a child per connection; its -d (no daemon) mode serves a single
+    connection and exits, which fio's nbd engine (a probe connection, then the job's) cannot use, so it
+    runs as a daemon with a pid file, and only that pid is ever signalled."""
+    port = free_port()
+    config = os.path.join(log_dir, f"{name}.conf")
+    pidfile = os.path.join(log_dir, f"{name}.pid")
+    if os.path.exists(pidfile):
+        os.unlink(pidfile)
+    with open(config, "w") as handle:
+        handle.write(f"[generic]\n    port = {port}\n    listenaddr = 127.0.0.1\n    allowlist = true\n"
+                     f"[{export}]\n    exportname = {os.path.abspath(path)}\n    flush = true\n    fua = true\n")
+    argv = taskset(cpus) + ["nbd-server", "-C", config, "-p", pidfile]
+    log_path = os.path.join(log_dir, f"{name}.log")
+    target = DaemonTarget(name, "nbd-server", argv, log_path)
+    with open(log_path, "w") as stderr:
+        target.proc = subprocess.Popen(argv, stdout=stderr, stderr=stderr, stdin=subprocess.DEVNULL)
+    _STARTED.append(target)
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline:
+        if os.path.exists(pidfile) and os.path.getsize(pidfile) > 0 and port_accepts(port):
+            with open(pidfile) as handle:
+                target.daemon_pid = int(handle.read().split()[0])
+            break
+        if target.proc.poll() not in (None, 0):
+            break
+        time.sleep(0.05)
+    if target.daemon_pid is None:
+        raise RuntimeError(f"nbd-server did not start: {' '.join(argv)}\n{target.log_tail()}")
+    target.proc.wait(timeout=15)  # the foreground parent exits once the daemon runs
+    target.uri = f"nbd://127.0.0.1:{port}/{export}"
+    return target
+
+
+# ----------------------------------------------------------------------------------------------------
+# ferroblock's persistent store
+
+
+def read_superblock(path):
+    """(journal_offset, journal_bytes, data_offset, data_bytes) from a store's superblock (layout in
+    src/journal/superblock.rs: u64 little-endian fields from byte 32)."""
+    import struct
+    with open(path, "rb") as handle:
+        sector = handle.read(64)
+    return struct.unpack_from("<QQQQ", sector, 32)
+
+
+def zero_fill_store(path):
+    """Makes a freshly created (never written) store's journal and data area written blocks of zeros:
+    what they already read as, so the store's contents are unchanged, but no extent is left unwritten
+    (ext4 and xfs convert an unwritten extent on its first write: a journal commit on the next sync)."""
+    journal_offset, journal_bytes, data_offset, data_bytes = read_superblock(path)
+    end = os.path.getsize(path)
+    if (journal_offset % 4096 or journal_offset + journal_bytes != data_offset
+            or data_offset + data_bytes > end or end % 4096):
+        raise RuntimeError(f"{path}: unexpected superblock layout {read_superblock(path)}, size {end}")
+    started = time.monotonic()
+    zero_fill(path, journal_offset, end)
+    return time.monotonic() - started
+
+
+def start_ferroblock_file(cpus, log_dir, data_dir, size="1G", poll="adaptive", extra=(), name="ferroblock-file",
+                          written=True):
+    """ferroblock serve --backend file on `data_dir` (created). With `written`, the store the first start
+    reserves (fallocate) is zero-written with the server stopped, and the server started again: writes then
+    land on written blocks, as they would on a store in use."""
+    os.makedirs(data_dir, exist_ok=True)
+    args = ["--data-dir", data_dir, *extra]
+    target = start_ferroblock(poll, cpus, log_dir, size, args, name=name, backend="file")
+    if not written:
+        return target
+    code = target.stop()
+    if code != 0:
+        raise RuntimeError(f"{name} exited {code} on SIGTERM after creating its store")
+    seconds = zero_fill_store(os.path.join(data_dir, "vol0.fbv"))
+    log(f"{name}: store zero-written in {seconds:.1f} s; restarting")
+    first_log = target.log_path + ".create"
+    os.replace(target.log_path, first_log)
+    target = start_ferroblock(poll, cpus, log_dir, size, args, name=name, backend="file")
+    target.create_log = first_log
+    return target
+
+
+# ----------------------------------------------------------------------------------------------------
+# Clients: `ferroblock bench` and fio's nbd engine
+
+
+def duration_arg(seconds):
+    """Seconds as a `ferroblock bench` duration (whole milliseconds)."""
+    return f"{int(round(seconds * 1000))}ms"
+
+
+def bench_command(uri, rw, qd, seconds, ramp, bs="4k", conns=1, poll="busy", cpus="", hist=None, extra=()):
+    """`ferroblock bench URI ... --json` (optionally pinned with taskset, --hist FILE)."""
+    command = taskset(cpus) + [
+        FERROBLOCK, "bench", uri, "--rw", rw, "--bs", str(bs), "--qd", str(qd), "--conns", str(conns),
+        "--time", duration_arg(seconds), "--ramp", duration_arg(ramp), "--poll", poll, "--json",
+    ]
+    if hist:
+        command += ["--hist", hist]
+    return command + list(extra)
+
+
+BENCH_FIELDS = ("iops", "mbps", "mean_us", "p50_us", "p90_us", "p99_us", "p999_us", "max_us", "ops", "errors",
+                "cpu_percent", "spin_idle_percent", "work_percent")
+
+
+def parse_bench(text):
+    """The figures of a `ferroblock bench --json` run (its last JSON line); raises on errors or no ops."""
+    for line in reversed(text.strip().splitlines()):
+        line = line.strip()
+        if line.startswith("{"):
+            result = json.loads(line)
+            break
+    else:
+        raise RuntimeError(f"no JSON line in ferroblock bench output: {text.strip()[-500:]!r}")
+    if result.get("errors"):
+        raise RuntimeError(f"ferroblock bench reported {result['errors']} errors")
+    return {key: result.get(key) for key in BENCH_FIELDS}
+
+
+def fio_nbd_command(uri, rw, qd, seconds, ramp, bs="4k", cpus="", extra=()):
+    """fio with its nbd engine (libnbd), one job, one connection, JSON output; latency is `lat_ns`."""
+    return taskset(cpus) + [
+        "fio", "--name=bench", "--ioengine=nbd", f"--uri={uri}", f"--rw={rw}", f"--bs={bs}", f"--iodepth={qd}",
+        *extra, "--time_based", f"--runtime={int(round(seconds * 1000))}ms",
+        f"--ramp_time={int(round(ramp * 1000))}ms", "--thread", "--norandommap", "--randrepeat=0",
+        "--lat_percentiles=1", "--output-format=json",
+    ]
+
+
+def parse_fio(text, rw):
+    """IOPS and total latency (`lat_ns`) of fio's first job, read or write side by `rw`."""
+    job = json.loads(text[text.index("{"):])["jobs"][0]
+    if job.get("error"):
+        raise RuntimeError(f"fio job error {job['error']}")
+    side = job["read" if rw in ("read", "randread") else "write"]
+    lat = side["lat_ns"]
+    percentiles = lat.get("percentile", {})
+    return {
+        "iops": side["iops"],
+        "mbps": side["bw_bytes"] / 1e6,
+        "mean_us": lat["mean"] / 1000,
+        "p50_us": percentiles.get("50.000000", 0) / 1000,
+        "p99_us": percentiles.get("99.000000", 0) / 1000,
+        "p999_us": percentiles.get("99.900000", 0) / 1000,
+        "ops": side["total_ios"],
+        "fio_cpu_percent": job["usr_cpu"] + job["sys_cpu"],
+    }
+
+
+def prefill_nbd(target, size, cpus=""):
+    """Writes the whole export once (fio, sequential 1 MiB writes at QD 8), so that reads hit data and
+    writes overwrite; returns (seconds, command)."""
+    command = taskset(cpus) + [
+        "fio", "--name=prefill", "--ioengine=nbd", f"--uri={target.uri}", "--rw=write", "--bs=1M",
+        "--iodepth=8", f"--size={size}", "--thread", "--output-format=json",
+    ]
+    target.resume()
+    started = time.monotonic()
+    try:
+        result = subprocess.run(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, timeout=900)
+    finally:
+        target.pause()
+    if result.returncode != 0:
+        raise RuntimeError(f"prefill of {target.name} failed: {result.stderr.strip()[-2000:]}")
+    return time.monotonic() - started, command
+
+
+def shown(command, env=None):
+    """A command as it can be typed, paths made relative to the repository."""
+    text = " ".join(shlex.quote(str(arg)) for arg in command).replace(ROOT + "/", "")
+    if env:
+        text = " ".join(f"{key}={value}" for key, value in env.items()) + " " + text
+    return text
+
+
+def run_measured(command, ramp, seconds, target=None, env=None, timeout=None, window=True, label="",
+                 quiet_wait=0.0, quiet_percent=10.0, tree=False):
+    """Runs a client `command` whose measured period starts `ramp` s after it does and lasts `seconds`;
+    samples its CPU (and the target's, its whole process tree with `tree`, and everything else's) over a
+    window inside that period. The target, if any, is resumed for the run and paused after it.
+    Returns (stdout, cpu dict with client/target/other/steal percent, elapsed seconds)."""
+    waited, load = wait_quiet(quiet_wait, quiet_percent)
+    if waited > 1:
+        log(f"waited {waited:.0f} s for a quiet machine (other load now {load:.0f}%)")
+    if target is not None:
+        target.resume()
+        time.sleep(0.1)
+    full_env = dict(os.environ, **env) if env else None
+    started = time.monotonic()
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=full_env)
+    pids = {"client": proc.pid}
+    if target is not None:
+        pids["target"] = target.pid
+    cpu = {}
+    timeout = timeout or (ramp + seconds + 120)
+    try:
+        if window:
+            sampler = TreeCpuSampler(pids, trees=("target",) if tree and target is not None else ())
+            margin = min(0.3, seconds / 10)
+            time.sleep(max(0.0, started + ramp + margin + 0.1 - time.monotonic()))
+            if proc.poll() is None:
+                sampler.start()
+                time.sleep(max(0.0, started + ramp + seconds - margin - time.monotonic()))
+                cpu = sampler.stop()
+        try:
+            stdout, stderr = proc.communicate(timeout=max(1.0, started + timeout - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            proc.kill()  # our own child, by its pid
+            stdout, stderr = proc.communicate()
+            raise RuntimeError(f"{label or 'command'} timed out after {timeout:.0f} s: {shown(command)}") from None
+    finally:
+        if target is not None:
+            target.pause()
+    if proc.returncode != 0:
+        raise RuntimeError(f"exit {proc.returncode}: {shown(command, env)}\n{stderr.strip()[-2000:]}")
+    return stdout, cpu, time.monotonic() - started
+
+
+def tool_version(command):
+    """First line of a tool's version output, or 'not found'."""
+    text = _run(command)
+    return text.splitlines()[0] if text and text != "unavailable" else "not found"
+
+
+def uptime():
+    return _run(["uptime"])

@@ -103,6 +103,48 @@ fn randrw_mix_with_verify_reports_json_and_plots() {
 }
 
 #[test]
+fn ramp_operations_are_neither_counted_nor_recorded() {
+    let server = Server::start(&["--backend", "memory", "--size", "64M"]);
+    let out = bench(&[
+        &server.uri,
+        "--rw",
+        "randwrite",
+        "--qd",
+        "4",
+        "--ops",
+        "500",
+        "--ramp",
+        "200ms",
+        "--json",
+    ]);
+    assert!(out.status.success(), "bench failed: {}", describe(&out));
+    let summary = json_of(&out);
+    assert_summary_fields(&summary, &out);
+    // --ops counts the measured operations only; the ramp's come on top and are not reported.
+    assert_eq!(summary["ops"], 500, "{}", describe(&out));
+    assert_eq!(summary["writes"], 500, "{}", describe(&out));
+    assert_eq!(
+        summary["ramp_seconds"].as_f64(),
+        Some(0.2),
+        "{}",
+        describe(&out)
+    );
+    for field in [
+        "cpu_percent",
+        "user_percent",
+        "sys_percent",
+        "spin_idle_percent",
+        "work_percent",
+    ] {
+        assert!(
+            summary[field].as_f64().is_some_and(|value| value >= 0.0),
+            "field {field} missing or negative: {}",
+            describe(&out)
+        );
+    }
+}
+
+#[test]
 fn verify_detects_a_foreign_write() {
     let server = Server::start(&["--backend", "memory", "--size", "64M"]);
     let range = ["--size", "64k", "--bs", "4k", "--qd", "4", "--verify"];
@@ -153,6 +195,7 @@ fn invalid_workloads_exit_with_code_2() {
         &["--time", "0s"],
         &["--rate", "0", "--ops", "1"],
         &["--rw", "sideways", "--ops", "1"],
+        &["--ramp", "soon", "--ops", "1"],
     ] {
         let mut args = vec![uri];
         args.extend_from_slice(bad);

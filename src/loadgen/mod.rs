@@ -82,6 +82,11 @@ pub struct BenchArgs {
     #[arg(long)]
     pub ops: Option<u64>,
 
+    /// Warm-up before the measured run (2s, 500ms): operations run but are neither counted nor
+    /// recorded; --time and --ops then apply to the measured part.
+    #[arg(long, default_value = "0")]
+    pub ramp: String,
+
     /// Stamp every written 512-byte sector with its offset, the write's seed and a CRC-32C; check every
     /// sector read. A mismatch is reported and makes the exit code 1.
     #[arg(long)]
@@ -125,6 +130,7 @@ impl BenchArgs {
             .as_deref()
             .map(workload::parse_range)
             .transpose()?;
+        let ramp = workload::parse_ramp(&self.ramp)?;
         workload::check_counts(self.qd, self.conns, self.ops, duration)?;
         let workload = Workload {
             target,
@@ -135,6 +141,7 @@ impl BenchArgs {
             connections: self.conns,
             rate_iops,
             duration,
+            ramp,
             ops_total: self.ops,
             verify: self.verify,
             poll: self.poll,
@@ -262,6 +269,8 @@ pub struct Progress {
 #[derive(Default)]
 pub struct RunClock {
     start: OnceLock<Option<Instant>>,
+    /// The `--ramp`: the measured run (and interval 0) begins this long after the start.
+    ramp: Duration,
 }
 
 impl RunClock {
@@ -278,7 +287,8 @@ impl RunClock {
     pub fn interval_index(&self, at: Instant) -> u64 {
         match self.start.get() {
             Some(Some(start)) => {
-                (at.saturating_duration_since(*start).as_nanos() / INTERVAL.as_nanos()) as u64
+                (at.saturating_duration_since(*start + self.ramp).as_nanos() / INTERVAL.as_nanos())
+                    as u64
             }
             _ => 0,
         }
@@ -324,7 +334,10 @@ pub fn run(args: BenchArgs) -> ExitCode {
 /// Connects, runs and collects: the whole benchmark.
 pub fn run_workload(workload: &Workload, output: &Output) -> Result<Summary, BenchError> {
     let workload = Arc::new(workload.clone());
-    let clock = Arc::new(RunClock::default());
+    let clock = Arc::new(RunClock {
+        ramp: workload.ramp,
+        ..RunClock::default()
+    });
     let progress = Arc::new(Progress::default());
     let ready = Arc::new(AtomicU64::new(0));
     let (sender, receiver) = mpsc::channel::<IntervalHistogram>();
@@ -379,15 +392,26 @@ pub fn run_workload(workload: &Workload, output: &Output) -> Result<Summary, Ben
         thread::sleep(Duration::from_millis(1));
     }
     let start = Instant::now();
-    let start_wall = SystemTime::now();
+    let measure_start = start + workload.ramp;
+    let start_wall = SystemTime::now() + workload.ramp;
     let _ = clock.start.set(Some(start));
+    // This process's CPU time over the measured run (all threads), for cpu_percent in the report.
+    let mut cpu_at_measure_start = if workload.ramp.is_zero() {
+        Some((measure_start, report::process_cpu_seconds()))
+    } else {
+        None
+    };
 
     let progress_bar = report::progress_bar(std::io::stdout().is_terminal());
     let mut intervals: BTreeMap<u64, Histogram<u64>> = BTreeMap::new();
     let mut last_shown = start;
     let mut ops_last_shown = 0u64;
     loop {
-        match receiver.recv_timeout(SUPERVISE_TICK) {
+        let tick = match cpu_at_measure_start {
+            None => SUPERVISE_TICK.min(measure_start.saturating_duration_since(Instant::now())),
+            Some(_) => SUPERVISE_TICK,
+        };
+        match receiver.recv_timeout(tick) {
             Ok(interval) => match intervals.entry(interval.index) {
                 std::collections::btree_map::Entry::Vacant(entry) => {
                     entry.insert(interval.histogram);
@@ -403,6 +427,9 @@ pub fn run_workload(workload: &Workload, output: &Output) -> Result<Summary, Ben
             Err(RecvTimeoutError::Disconnected) => break,
         }
         let now = Instant::now();
+        if cpu_at_measure_start.is_none() && now >= measure_start {
+            cpu_at_measure_start = Some((now, report::process_cpu_seconds()));
+        }
         if now.duration_since(last_shown) >= INTERVAL {
             let ops = progress.ops.load(Ordering::Relaxed);
             let bytes = progress.bytes.load(Ordering::Relaxed);
@@ -417,7 +444,15 @@ pub fn run_workload(workload: &Workload, output: &Output) -> Result<Summary, Ben
             last_shown = now;
         }
     }
-    let elapsed = start.elapsed();
+    let elapsed = measure_start.elapsed();
+    let cpu = cpu_at_measure_start.map(|(at, (user_start, system_start))| {
+        let (user_end, system_end) = report::process_cpu_seconds();
+        report::CpuUsage {
+            wall_seconds: at.elapsed().as_secs_f64(),
+            user_seconds: user_end - user_start,
+            system_seconds: system_end - system_start,
+        }
+    });
     progress_bar.finish_and_clear();
 
     let mut totals = ConnectionTotals::default();
@@ -430,6 +465,8 @@ pub fn run_workload(workload: &Workload, output: &Output) -> Result<Summary, Ben
                 totals.bytes += connection.bytes;
                 totals.errors_io += connection.errors_io;
                 totals.errors_verify += connection.errors_verify;
+                totals.idle_nanos += connection.idle_nanos;
+                totals.busy_nanos += connection.busy_nanos;
             }
             Ok(Err(error)) => {
                 first_error.get_or_insert(error);
@@ -456,5 +493,6 @@ pub fn run_workload(workload: &Workload, output: &Output) -> Result<Summary, Ben
         totals,
         histogram,
         elapsed,
+        cpu,
     })
 }

@@ -52,6 +52,11 @@ pub struct ConnectionTotals {
     pub errors_io: u64,
     /// Sectors that failed `--verify` (one per failed read).
     pub errors_verify: u64,
+    /// Wall time of measured loop iterations that found nothing to do (an empty socket or ring) ...
+    pub idle_nanos: u64,
+    /// ... and of those that moved data: the split shows how much of a busy-polling client's CPU was
+    /// spent on work rather than spinning.
+    pub busy_nanos: u64,
 }
 
 /// An established connection, negotiated and ready to run.
@@ -216,6 +221,7 @@ struct Slot {
     offset: u64,
     length: u32,
     started: Instant,
+    measured: bool,
 }
 
 /// Runs the workload's share for connection `index` on an established connection.
@@ -256,6 +262,7 @@ pub fn run(
             offset: 0,
             length: 0,
             started: start,
+            measured: false,
         };
         queue_depth
     ];
@@ -269,9 +276,23 @@ pub fn run(
     let mut recorder = IntervalRecorder::new(intervals)?;
     let mut totals = ConnectionTotals::default();
     let mut last_progress = start;
+    let measure_from = start + workload.ramp;
+    // Whether the previous loop iteration moved any bytes, and when it began (for idle/busy time).
+    let mut moved = true;
+    let mut iteration_began = start;
 
     loop {
         let now = Instant::now();
+        if iteration_began >= measure_from {
+            let nanos = now.duration_since(iteration_began).as_nanos() as u64;
+            if moved {
+                totals.busy_nanos += nanos;
+            } else {
+                totals.idle_nanos += nanos;
+            }
+        }
+        iteration_began = now;
+        moved = false;
         let stopping = picker.is_done(now);
         // Queue new requests while slots are free (and, under a rate limit, while they are due).
         while !free.is_empty() {
@@ -320,11 +341,11 @@ pub fn run(
                 offset: op.offset,
                 length: op.length,
                 started: op.started,
+                measured: op.measured,
             };
             in_flight += 1;
         }
 
-        let mut moved = false;
         if out_position < out.len() {
             if let Some(sent) = send_some(fd, &out[out_position..]).map_err(BenchError::Io)? {
                 out_position += sent;
@@ -428,15 +449,17 @@ pub fn run(
                 slots[slot_index].busy = false;
                 free.push(slot_index);
                 in_flight -= 1;
+                completed_ops += 1;
+                completed_bytes += u64::from(slot.length);
+                if !slot.measured {
+                    continue;
+                }
                 if slot.is_write {
                     totals.writes += 1;
                 } else {
                     totals.reads += 1;
                 }
                 totals.bytes += u64::from(slot.length);
-                completed_ops += 1;
-                completed_bytes += u64::from(slot.length);
-
                 recorder.record(clock, slot.started, done_at);
             }
         }

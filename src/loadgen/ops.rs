@@ -40,6 +40,8 @@ pub struct PlannedOp {
     pub started: Instant,
     /// The seed a `--verify` write stamps into its sectors.
     pub write_seed: u64,
+    /// Issued after the `--ramp` (counted and recorded); ramp operations are neither.
+    pub measured: bool,
 }
 
 pub struct OpPicker<'a> {
@@ -51,6 +53,8 @@ pub struct OpPicker<'a> {
     sequential_cursor: u64,
     rate_interval: Option<Duration>,
     next_due: Instant,
+    /// End of the `--ramp`: operations that start from here on are measured.
+    measure_from: Instant,
     ops_quota: Option<u64>,
     stop_at: Option<Instant>,
     issued: u64,
@@ -84,8 +88,11 @@ impl<'a> OpPicker<'a> {
             sequential_cursor: region_start,
             rate_interval,
             next_due: start,
+            measure_from: start + workload.ramp,
             ops_quota: workload.ops_for_connection(index),
-            stop_at: workload.duration.map(|duration| start + duration),
+            stop_at: workload
+                .duration
+                .map(|duration| start + workload.ramp + duration),
             issued: 0,
             writes_issued: 0,
         }
@@ -149,7 +156,11 @@ impl<'a> OpPicker<'a> {
         if let Some(interval) = self.rate_interval {
             self.next_due += interval;
         }
-        self.issued += 1;
+        let measured = started >= self.measure_from;
+        if measured {
+            // --ops counts measured operations only.
+            self.issued += 1;
+        }
         let write_seed = self.workload.seed ^ ((self.index as u64) << 48) ^ self.writes_issued;
         if is_write {
             self.writes_issued += 1;
@@ -160,6 +171,7 @@ impl<'a> OpPicker<'a> {
             length,
             started,
             write_seed,
+            measured,
         })
     }
 }

@@ -27,7 +27,36 @@ pub struct Summary {
     pub totals: ConnectionTotals,
     /// Every operation's latency, in nanoseconds.
     pub histogram: Histogram<u64>,
+    /// The measured run (after any `--ramp`).
     pub elapsed: Duration,
+    /// This process's CPU time over the measured run (`None` if the run ended inside its ramp).
+    pub cpu: Option<CpuUsage>,
+}
+
+/// User and system CPU time of the whole process over a stretch of wall time.
+#[derive(Debug, Clone, Copy)]
+pub struct CpuUsage {
+    pub wall_seconds: f64,
+    pub user_seconds: f64,
+    pub system_seconds: f64,
+}
+
+impl CpuUsage {
+    fn percent(&self, seconds: f64) -> f64 {
+        100.0 * seconds / self.wall_seconds.max(f64::MIN_POSITIVE)
+    }
+}
+
+/// (user, system) CPU seconds of this process so far, all threads (getrusage).
+pub fn process_cpu_seconds() -> (f64, f64) {
+    // SAFETY: getrusage only writes the zeroed struct owned by this frame.
+    let usage = unsafe {
+        let mut usage: libc::rusage = std::mem::zeroed();
+        libc::getrusage(libc::RUSAGE_SELF, &mut usage);
+        usage
+    };
+    let seconds = |time: libc::timeval| time.tv_sec as f64 + time.tv_usec as f64 / 1e6;
+    (seconds(usage.ru_utime), seconds(usage.ru_stime))
 }
 
 /// The percentiles reported, with their JSON names and table headings.
@@ -114,6 +143,28 @@ impl Summary {
             json.push_str(&format!(
                 ",\"{name}\":{:.3}",
                 self.percentile_us(percentile)
+            ));
+        }
+        json.push_str(&format!(
+            ",\"ramp_seconds\":{:.3}",
+            workload.ramp.as_secs_f64()
+        ));
+        if let Some(cpu) = self.cpu {
+            // Busy-polling connections are always near 100% CPU: work_percent is the share of it spent
+            // in loop iterations that moved data, spin_idle_percent the share that found nothing (wall
+            // time shares of the loop, scaled to the CPU time).
+            let cpu_percent = cpu.percent(cpu.user_seconds + cpu.system_seconds);
+            let looped = (self.totals.idle_nanos + self.totals.busy_nanos).max(1) as f64;
+            json.push_str(&format!(
+                concat!(
+                    ",\"cpu_percent\":{:.1},\"user_percent\":{:.1},\"sys_percent\":{:.1},",
+                    "\"spin_idle_percent\":{:.1},\"work_percent\":{:.1}"
+                ),
+                cpu_percent,
+                cpu.percent(cpu.user_seconds),
+                cpu.percent(cpu.system_seconds),
+                cpu_percent * self.totals.idle_nanos as f64 / looped,
+                cpu_percent * self.totals.busy_nanos as f64 / looped,
             ));
         }
         json.push('}');

@@ -77,6 +77,7 @@ struct Slot {
     offset: u64,
     length: u32,
     started: Instant,
+    measured: bool,
     buffer: AlignedBuf,
 }
 
@@ -106,6 +107,7 @@ pub fn run(
             offset: 0,
             length: 0,
             started: Instant::now(),
+            measured: false,
             buffer: AlignedBuf::with_capacity(block_size_max),
         })
         .collect();
@@ -119,9 +121,23 @@ pub fn run(
     let mut recorder = IntervalRecorder::new(intervals)?;
     let mut totals = ConnectionTotals::default();
     let mut last_progress = start;
+    let measure_from = start + workload.ramp;
+    // Whether the previous loop iteration reaped anything, and when it began (for idle/busy time).
+    let mut reaped = true;
+    let mut iteration_began = start;
 
     loop {
         let now = Instant::now();
+        if iteration_began >= measure_from {
+            let nanos = now.duration_since(iteration_began).as_nanos() as u64;
+            if reaped {
+                totals.busy_nanos += nanos;
+            } else {
+                totals.idle_nanos += nanos;
+            }
+        }
+        iteration_began = now;
+        reaped = false;
         let stopping = picker.is_done(now);
         while !free.is_empty() && ring.has_room() {
             let overlaps = |offset: u64, length: u32| {
@@ -175,6 +191,7 @@ pub fn run(
             slot.offset = op.offset;
             slot.length = op.length;
             slot.started = op.started;
+            slot.measured = op.measured;
         }
         ring.submit().map_err(BenchError::Io)?;
 
@@ -205,6 +222,7 @@ pub fn run(
             continue;
         }
         last_progress = now;
+        reaped = true;
         let done_at = Instant::now();
         let mut completed_bytes = 0u64;
         for &(user_data, result) in &completions {
@@ -240,13 +258,16 @@ pub fn run(
                     );
                 }
             }
+            completed_bytes += u64::from(slot.length);
+            if !slot.measured {
+                continue;
+            }
             if slot.is_write {
                 totals.writes += 1;
             } else {
                 totals.reads += 1;
             }
             totals.bytes += u64::from(slot.length);
-            completed_bytes += u64::from(slot.length);
             recorder.record(clock, slot.started, done_at);
         }
         progress

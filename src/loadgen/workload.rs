@@ -36,6 +36,8 @@ pub enum WorkloadError {
     Rate { text: String, reason: String },
     #[error("--time {text:?}: {reason}")]
     Duration { text: String, reason: String },
+    #[error("--ramp {text:?}: {reason}")]
+    Ramp { text: String, reason: String },
     #[error("--qd {0}: must be from 1 to {QUEUE_DEPTH_MAX}")]
     QueueDepth(usize),
     #[error("--conns {0}: must be from 1 to {CONNECTIONS_MAX}")]
@@ -349,6 +351,9 @@ pub struct Workload {
     /// Total open-loop rate limit, if any.
     pub rate_iops: Option<u64>,
     pub duration: Option<Duration>,
+    /// Warm-up before the measured run: operations run but are neither counted nor recorded, and
+    /// `duration` and `ops_total` apply to what follows.
+    pub ramp: Duration,
     pub ops_total: Option<u64>,
     pub verify: bool,
     pub poll: PollMode,
@@ -411,6 +416,17 @@ pub fn check_counts(
         return Err(WorkloadError::NoStopCondition);
     }
     Ok(())
+}
+
+/// Parses `--ramp`: a duration like `--time`, or 0 for none.
+pub fn parse_ramp(text: &str) -> Result<Duration, WorkloadError> {
+    if matches!(text.trim(), "0" | "0s" | "0ms") {
+        return Ok(Duration::ZERO);
+    }
+    parse_duration(text).map_err(|error| match error {
+        WorkloadError::Duration { text, reason } => WorkloadError::Ramp { text, reason },
+        other => other,
+    })
 }
 
 /// Parses `--size`: a size like 64M, a multiple of 512.
@@ -572,6 +588,18 @@ mod tests {
     }
 
     #[test]
+    fn ramp_takes_zero_and_durations() {
+        assert_eq!(parse_ramp("0"), Ok(Duration::ZERO));
+        assert_eq!(parse_ramp("0s"), Ok(Duration::ZERO));
+        assert_eq!(parse_ramp("2s"), Ok(Duration::from_secs(2)));
+        assert_eq!(parse_ramp("500ms"), Ok(Duration::from_millis(500)));
+        assert!(matches!(
+            parse_ramp("soon"),
+            Err(WorkloadError::Ramp { .. })
+        ));
+    }
+
+    #[test]
     fn regions_split_the_range_between_connections() {
         let workload = Workload {
             target: Target::Nbd {
@@ -584,6 +612,7 @@ mod tests {
             queue_depth: 8,
             connections: 3,
             rate_iops: None,
+            ramp: Duration::ZERO,
             duration: None,
             ops_total: Some(10),
             verify: true,
