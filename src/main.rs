@@ -13,32 +13,32 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         // clap lets --config and --node come only together.
-        Command::Serve(
-            args_for_cluster @ ServeArgs {
-                config: Some(_),
-                node: Some(_),
-                ..
-            },
-        ) => match ferroblock::cluster::command::load_serve_node(&config, &node) {
-            Err(error) => {
-                eprintln!("ferroblock: {error}");
-                ExitCode::from(2)
-            }
-            Ok(cluster) => {
-                let serve = ServeArgs {
-                    config: None,
-                    node: None,
-                    ..args_for_cluster
-                };
-                match ferroblock::server::serve_node(&cluster, &node, serve.into_config()) {
-                    Ok(()) => ExitCode::SUCCESS,
-                    Err(error) => {
-                        eprintln!("ferroblock: {error}");
-                        ExitCode::from(1)
+        Command::Serve(args) if args.config.is_some() => {
+            // clap lets --config and --node come only together.
+            let (Some(config), Some(node)) = (args.config.clone(), args.node.clone()) else {
+                unreachable!("clap requires --config and --node together")
+            };
+            match ferroblock::cluster::command::load_serve_node(&config, &node) {
+                Err(error) => {
+                    eprintln!("ferroblock: {error}");
+                    ExitCode::from(2)
+                }
+                Ok(cluster) => {
+                    let serve = ServeArgs {
+                        config: None,
+                        node: None,
+                        ..args
+                    };
+                    match ferroblock::server::serve_node(&cluster, &node, serve.into_config()) {
+                        Ok(()) => ExitCode::SUCCESS,
+                        Err(error) => {
+                            eprintln!("ferroblock: {error}");
+                            ExitCode::from(1)
+                        }
                     }
                 }
             }
-        },
+        }
         Command::Serve(args) => match ferroblock::server::serve(args.into_config()) {
             Ok(()) => ExitCode::SUCCESS,
             Err(error) => {

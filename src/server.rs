@@ -306,11 +306,14 @@ pub fn serve_node(
             config.preallocate,
         )?;
         let size_bytes = opened.copy.superblock().volume_size;
+        let mut copy = Box::new(opened.copy);
+        // The master streams every note it creates to its slave.
+        copy.set_note_outbox(true);
         let mut volume = Volume::new(
             index as u32,
             size_bytes,
             Store::Persistent {
-                copy: Box::new(opened.copy),
+                copy,
                 file: opened.file,
             },
         );

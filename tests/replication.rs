@@ -34,7 +34,10 @@ fn free_base_port() -> u16 {
             .local_addr()
             .unwrap()
             .port();
-        let Some(base) = port.checked_sub(0).filter(|p| *p > 1024 && *p < 65000 - 202) else {
+        let Some(base) = port
+            .checked_sub(0)
+            .filter(|p| *p > 1024 && *p < 65000 - 202)
+        else {
             continue;
         };
         let free = [0u16, 1, 100, 101, 200, 201]
@@ -95,7 +98,12 @@ impl Cluster {
     }
 
     fn status(&self) -> ClusterReport {
-        let out = ferroblock(&["status", "--config", self.config.to_str().unwrap(), "--json"]);
+        let out = ferroblock(&[
+            "status",
+            "--config",
+            self.config.to_str().unwrap(),
+            "--json",
+        ]);
         assert_eq!(out.status.code(), Some(0), "{}", describe(&out));
         serde_json::from_slice(&out.stdout)
             .unwrap_or_else(|error| panic!("status --json ({error}): {}", describe(&out)))
@@ -119,7 +127,10 @@ impl Cluster {
     /// Polls `ferroblock status` until `n1` and `n2` show these roles.
     fn wait_roles(&self, n1: &str, n2: &str) {
         let deadline = Instant::now() + WAIT;
-        let wanted = vec![("n1".to_string(), n1.to_string()), ("n2".to_string(), n2.to_string())];
+        let wanted = vec![
+            ("n1".to_string(), n1.to_string()),
+            ("n2".to_string(), n2.to_string()),
+        ];
         loop {
             let roles = self.roles();
             if roles == wanted {
@@ -140,8 +151,7 @@ impl Cluster {
             let report = self.status();
             let volume = &report.volumes[0];
             let committed: Vec<Option<u64>> = volume.peers.iter().map(|p| p.committed).collect();
-            if committed.iter().all(Option::is_some) && committed.windows(2).all(|w| w[0] == w[1])
-            {
+            if committed.iter().all(Option::is_some) && committed.windows(2).all(|w| w[0] == w[1]) {
                 return;
             }
             assert!(Instant::now() < deadline, "peers never in sync: {volume:?}");
@@ -180,9 +190,16 @@ fn master_and_slave_fail_over_both_ways_and_catch_up() {
     // A: written through the master, acknowledged only once both copies committed it.
     qemu_io(
         &cluster.uri("n1"),
-        &["write -P 0xa1 0 1M", "write -P 0xa2 8M 64k", "write -z 12M 64k"],
+        &[
+            "write -P 0xa1 0 1M",
+            "write -P 0xa2 8M 64k",
+            "write -z 12M 64k",
+        ],
     );
-    qemu_io(&cluster.uri("n1"), &["read -P 0xa1 0 1M", "read -P 0xa2 8M 64k"]);
+    qemu_io(
+        &cluster.uri("n1"),
+        &["read -P 0xa1 0 1M", "read -P 0xa2 8M 64k"],
+    );
     cluster.wait_in_sync();
 
     // The master dies: the slave takes over with everything acknowledged.
@@ -191,10 +208,17 @@ fn master_and_slave_fail_over_both_ways_and_catch_up() {
     cluster.wait_roles("offline", "solo-master");
     qemu_io(
         &cluster.uri("n2"),
-        &["read -P 0xa1 0 1M", "read -P 0xa2 8M 64k", "read -P 0 12M 64k"],
+        &[
+            "read -P 0xa1 0 1M",
+            "read -P 0xa2 8M 64k",
+            "read -P 0 12M 64k",
+        ],
     );
     // B: written while n1 is down.
-    qemu_io(&cluster.uri("n2"), &["write -P 0xb1 512k 1M", "write -P 0xb2 20M 4k"]);
+    qemu_io(
+        &cluster.uri("n2"),
+        &["write -P 0xb1 512k 1M", "write -P 0xb2 20M 4k"],
+    );
 
     // n1 returns: caught up by op number (the ops after its watermark), then paired as slave.
     let mut n1 = cluster.start("n1");
@@ -238,7 +262,13 @@ fn master_killed_mid_write_loses_no_acknowledged_write() {
     cluster.wait_roles("master", "slave");
     let log = cluster._dir.join("writes.log");
     let mut writer = Command::new("/usr/bin/python3")
-        .args([CLIENT, "write", &cluster.uri("n1"), log.to_str().unwrap(), "7"])
+        .args([
+            CLIENT,
+            "write",
+            &cluster.uri("n1"),
+            log.to_str().unwrap(),
+            "7",
+        ])
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
@@ -254,7 +284,10 @@ fn master_killed_mid_write_loses_no_acknowledged_write() {
         if acked >= 400 {
             break;
         }
-        assert!(Instant::now() < deadline, "only {acked} writes acknowledged");
+        assert!(
+            Instant::now() < deadline,
+            "only {acked} writes acknowledged"
+        );
         thread::sleep(Duration::from_millis(20));
     }
     n1.signal(libc::SIGKILL);
@@ -270,7 +303,11 @@ fn master_killed_mid_write_loses_no_acknowledged_write() {
         ]),
         DEADLINE,
     );
-    assert!(out.status.success(), "verify on the new master: {}", describe(&out));
+    assert!(
+        out.status.success(),
+        "verify on the new master: {}",
+        describe(&out)
+    );
 }
 
 /// A TCP proxy the test can cut: `cut` stalls both directions without closing (a partition).
@@ -347,7 +384,10 @@ fn a_cut_link_leaves_exactly_one_node_serving() {
     // The master's lease runs out first: it goes on alone; the slave's takeover then loses the
     // compare-and-swap and it stops being a candidate.
     cluster.wait_roles("solo-master", "catching-up");
-    qemu_io(&cluster.uri("n1"), &["write -P 0xd2 1M 256k", "read -P 0xd1 0 256k"]);
+    qemu_io(
+        &cluster.uri("n1"),
+        &["write -P 0xd2 1M 256k", "read -P 0xd1 0 256k"],
+    );
     qemu_io_refused(&cluster.uri("n2"));
 
     // Healed: the dropped peer catches up and they pair again.

@@ -21,7 +21,8 @@ use mio::{Interest, Registry, Token};
 use crate::cluster::authority::{Authority, CasOutcome};
 use crate::cluster::status::{PeerState, Role as StatusRole, StatusBoard};
 use crate::replication::auth::{self, Handshake, Progress};
-use crate::replication::message::{ByteRange, NoteMessage};
+pub use crate::replication::message::CatchUpItem;
+use crate::replication::message::NoteMessage;
 use crate::replication::peer::{Action, AuthorityReply, Event, LinkId, Peer, Role, Timing};
 use crate::replication::wire::{self, FrameDecoder, VolumeId as WireVolumeId};
 
@@ -33,13 +34,6 @@ const SEND_BACKLOG_MAX: usize = 256 << 20;
 const TICK_INTERVAL_US: u64 = 1_000;
 const READ_CHUNK: usize = 256 << 10;
 
-/// One item of a catch-up source's stream.
-#[derive(Debug)]
-pub enum CatchUpItem {
-    Extent(NoteMessage),
-    End,
-}
-
 /// What replication needs from a volume's local copy. Implemented by `Volume` (persistent copies);
 /// the simulator has its own model.
 pub trait ReplicaStore {
@@ -49,13 +43,14 @@ pub trait ReplicaStore {
     fn set_commit_limit(&mut self, through: u64);
     fn apply_note(&mut self, note: NoteMessage);
     fn discard_uncommitted(&mut self);
-    fn changed_since(&self, op: u64) -> Vec<ByteRange>;
+    /// Whether a catch-up was started on this copy and has not finished (it is not whole).
+    fn incomplete(&self) -> bool;
     /// Snapshot now; returns the snapshot's commit watermark.
-    fn start_catch_up_source(&mut self, id: u64, base: u64, repair: &[ByteRange]) -> u64;
+    fn start_catch_up_source(&mut self, id: u64, base: u64) -> u64;
     fn poll_catch_up_source(&mut self, id: u64, out: &mut Vec<CatchUpItem>, budget_bytes: usize);
     fn stop_catch_up_source(&mut self, id: u64);
     fn apply_catch_up_extent(&mut self, extent: NoteMessage);
-    fn finish_catch_up(&mut self, through: u64, rewind: bool);
+    fn finish_catch_up(&mut self, through: u64);
     /// Whether host writes are accepted and until when reads are served (`None`: not at all).
     fn set_serving(&mut self, writes: bool, reads: bool);
 }
@@ -118,10 +113,17 @@ impl ReplicatedVolume {
 
 enum SocketState {
     /// Outbound, TCP connect in progress.
-    Connecting { handshake: Handshake, first: Vec<u8> },
-    Authenticating { handshake: Handshake },
+    Connecting {
+        handshake: Handshake,
+        first: Vec<u8>,
+    },
+    Authenticating {
+        handshake: Handshake,
+    },
     /// Authenticated; frames flow. `volume` is known once the first frame (acceptor) or at connect.
-    Open { decoder: FrameDecoder },
+    Open {
+        decoder: FrameDecoder,
+    },
 }
 
 struct Socket {
@@ -212,12 +214,21 @@ impl ReplicationHub {
     pub fn start(&mut self, stores: &mut dyn StoreAccess) {
         let now = self.now_us();
         for index in 0..self.volumes.len() {
-            let mut committed = 0;
+            let (mut committed, mut incomplete) = (0, false);
             stores.with(self.volumes[index].volume, &mut |store| {
                 committed = store.committed_op();
+                incomplete = store.incomplete();
             });
             self.volumes[index].last_committed = committed;
-            self.feed(index, now, Event::Start { committed }, stores);
+            self.feed(
+                index,
+                now,
+                Event::Start {
+                    committed,
+                    incomplete,
+                },
+                stores,
+            );
         }
     }
 
@@ -301,11 +312,7 @@ impl ReplicationHub {
 
     /// One pass: sockets, new notes, commit progress, catch-up sources, timers; `stores` lends each
     /// volume's copy.
-    pub fn run(
-        &mut self,
-        registry: &Registry,
-        stores: &mut dyn StoreAccess,
-    ) {
+    pub fn run(&mut self, registry: &Registry, stores: &mut dyn StoreAccess) {
         let now = self.now_us();
         for socket in std::mem::take(&mut self.pending_sockets) {
             let link = socket.link;
@@ -413,12 +420,7 @@ impl ReplicationHub {
         self.reap_closed(registry);
     }
 
-    fn serve_socket(
-        &mut self,
-        slot: usize,
-        now: u64,
-        stores: &mut dyn StoreAccess,
-    ) {
+    fn serve_socket(&mut self, slot: usize, now: u64, stores: &mut dyn StoreAccess) {
         let Some(socket) = self.sockets[slot].as_mut() else {
             return;
         };
@@ -426,7 +428,9 @@ impl ReplicationHub {
             return;
         }
         let unfinished = !matches!(socket.state, SocketState::Open { .. });
-        if unfinished && now.saturating_sub(socket.opened_us) > self.settings.timing.lease_timeout_us {
+        if unfinished
+            && now.saturating_sub(socket.opened_us) > self.settings.timing.lease_timeout_us
+        {
             if socket.initiated && matches!(socket.state, SocketState::Connecting { .. }) {
                 self.fail_connect(slot, now, stores);
             } else {
@@ -449,8 +453,7 @@ impl ReplicationHub {
                     socket.state = SocketState::Authenticating { handshake };
                 }
                 Err(error) if error.kind() == io::ErrorKind::NotConnected => {
-                    if let Ok(Some(error)) | Err(error) = socket.stream.take_error().map_err(|e| e)
-                    {
+                    if let Ok(Some(error)) | Err(error) = socket.stream.take_error() {
                         tracing::info!(%error, "replication connect failed");
                         self.fail_connect(slot, now, stores);
                     }
@@ -463,7 +466,10 @@ impl ReplicationHub {
                 }
             }
         }
-        if !self.sockets[slot].as_ref().is_some_and(|socket| socket.ready) {
+        if !self.sockets[slot]
+            .as_ref()
+            .is_some_and(|socket| socket.ready)
+        {
             return;
         }
         // Read what is there.
@@ -497,12 +503,7 @@ impl ReplicationHub {
         }
     }
 
-    fn fail_connect(
-        &mut self,
-        slot: usize,
-        now: u64,
-        stores: &mut dyn StoreAccess,
-    ) {
+    fn fail_connect(&mut self, slot: usize, now: u64, stores: &mut dyn StoreAccess) {
         let socket = self.sockets[slot].as_mut().expect("live socket");
         socket.closed = true;
         let node = socket.node.clone().unwrap_or_default();
@@ -534,10 +535,8 @@ impl ReplicationHub {
                 }) => {
                     socket.out.extend_from_slice(&send);
                     if socket.initiated && socket.node.as_deref() != Some(peer_node.as_str()) {
-                        let reason = format!(
-                            "authenticated as {peer_node}, expected {:?}",
-                            socket.node
-                        );
+                        let reason =
+                            format!("authenticated as {peer_node}, expected {:?}", socket.node);
                         self.close(slot, now, &reason, stores);
                         return false;
                     }
@@ -606,7 +605,12 @@ impl ReplicationHub {
                         .iter()
                         .position(|volume| volume.wire_volume == frame.volume)
                     else {
-                        self.close(slot, now, "frame for a volume this node does not hold", stores);
+                        self.close(
+                            slot,
+                            now,
+                            "frame for a volume this node does not hold",
+                            stores,
+                        );
                         return false;
                     };
                     socket.volume = Some(index);
@@ -636,7 +640,10 @@ impl ReplicationHub {
                 },
                 stores,
             );
-            if self.sockets[slot].as_ref().is_none_or(|socket| socket.closed) {
+            if self.sockets[slot]
+                .as_ref()
+                .is_none_or(|socket| socket.closed)
+            {
                 return false;
             }
         }
@@ -648,13 +655,7 @@ impl ReplicationHub {
             .position(|socket| socket.as_ref().is_some_and(|s| s.link == link && !s.closed))
     }
 
-    fn close(
-        &mut self,
-        slot: usize,
-        now: u64,
-        reason: &str,
-        stores: &mut dyn StoreAccess,
-    ) {
+    fn close(&mut self, slot: usize, now: u64, reason: &str, stores: &mut dyn StoreAccess) {
         let Some(socket) = self.sockets[slot].as_mut() else {
             return;
         };
@@ -671,7 +672,10 @@ impl ReplicationHub {
 
     fn reap_closed(&mut self, registry: &Registry) {
         for slot in 0..self.sockets.len() {
-            if self.sockets[slot].as_ref().is_some_and(|socket| socket.closed) {
+            if self.sockets[slot]
+                .as_ref()
+                .is_some_and(|socket| socket.closed)
+            {
                 let mut socket = self.sockets[slot].take().expect("live socket");
                 let _ = registry.deregister(&mut socket.stream);
             }
@@ -707,7 +711,10 @@ impl ReplicationHub {
             socket.out_sent = 0;
         }
         if socket.out.len() > SEND_BACKLOG_MAX {
-            tracing::warn!(link = socket.link, "replication send backlog too large: closing");
+            tracing::warn!(
+                link = socket.link,
+                "replication send backlog too large: closing"
+            );
             let _ = socket.stream.shutdown(std::net::Shutdown::Both);
         }
     }
@@ -854,16 +861,19 @@ impl ReplicationHub {
             Action::DiscardUncommitted => {
                 stores.with(volume_index, &mut |store| store.discard_uncommitted());
             }
-            Action::FindChangedSince { op } => {
-                let mut ranges = Vec::new();
-                stores.with(volume_index, &mut |store| ranges = store.changed_since(op));
-                let ranges = coalesce(ranges, wire::REPAIR_RANGES_MAX);
-                events.push_front(Event::RepairRanges { ranges });
+            Action::ResetCopy => {
+                // Reprovisioning in place is not implemented: the peer waits, serving nothing, until
+                // an operator removes the store and restarts the node (it is then caught up whole).
+                tracing::error!(
+                    volume = %self.volumes[index].name,
+                    "this copy holds ops of a history the master dropped: stop the node, remove its \
+                     store (data_dir/<volume>.fbv) and start it again to reprovision it"
+                );
             }
-            Action::StartCatchUpSource { link, base, repair } => {
+            Action::StartCatchUpSource { link, base } => {
                 let mut through = 0;
                 stores.with(volume_index, &mut |store| {
-                    through = store.start_catch_up_source(link, base, &repair);
+                    through = store.start_catch_up_source(link, base);
                 });
                 self.volumes[index].sources.push(link);
                 self.volumes[index]
@@ -884,8 +894,8 @@ impl ReplicationHub {
                     }
                 });
             }
-            Action::FinishCatchUp { through, rewind } => {
-                stores.with(volume_index, &mut |store| store.finish_catch_up(through, rewind));
+            Action::FinishCatchUp { through } => {
+                stores.with(volume_index, &mut |store| store.finish_catch_up(through));
             }
         }
     }
@@ -916,33 +926,4 @@ fn status_role(role: Role) -> StatusRole {
         Role::CatchingUp => StatusRole::CatchingUp,
         Role::Starting | Role::Fenced => StatusRole::Fenced,
     }
-}
-
-/// At most `max` ranges covering `ranges` (sorted): neighbours merge, gaps included, which only
-/// repairs more than needed.
-fn coalesce(mut ranges: Vec<ByteRange>, max: usize) -> Vec<ByteRange> {
-    ranges.sort_by_key(|range| range.offset);
-    let mut merged: Vec<ByteRange> = Vec::with_capacity(ranges.len());
-    for range in ranges {
-        match merged.last_mut() {
-            Some(last) if last.offset + last.length >= range.offset => {
-                last.length = last.length.max(range.offset + range.length - last.offset);
-            }
-            _ => merged.push(range),
-        }
-    }
-    while merged.len() > max {
-        // Merge the pair with the smallest gap... simply halve by merging neighbours.
-        let mut halved = Vec::with_capacity(merged.len() / 2 + 1);
-        for pair in merged.chunks(2) {
-            let first = pair[0];
-            let last = pair[pair.len() - 1];
-            halved.push(ByteRange {
-                offset: first.offset,
-                length: last.offset + last.length - first.offset,
-            });
-        }
-        merged = halved;
-    }
-    merged
 }

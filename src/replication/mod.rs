@@ -11,9 +11,9 @@
 //! mastership and, when paired, a lease renewed by the slave.
 
 pub mod auth;
+pub mod hub;
 pub mod message;
 pub mod peer;
 #[cfg(test)]
 mod sim;
 pub mod wire;
-pub mod hub;

@@ -21,17 +21,20 @@
 //!   serving reads before the new one starts.
 //! - Any change of membership is a compare-and-swap at the authority on the epoch: exactly one of two
 //!   contenders wins; the loser is fenced (its uncommitted notes fail, it stops serving).
-//! - A master that restarts always takes a new epoch, alone: its recovery may have lost notes the slave
-//!   has, so the slave is recorded as dropped, with the last op both are sure to share.
-//! - A dropped peer returns with `base` = the op up to which its history is the master's and the ranges
-//!   it changed after that (to be repaired); the master sends the current content of every range
-//!   changed after `base` or to be repaired, as of a snapshot at its commit watermark `K`, then every
-//!   note after `K`. Once the peer has committed what the master committed, a new epoch pairs them.
+//! - A master that restarts takes a new epoch alone: recovery replays every durable note, so its copy
+//!   has everything it acknowledged, but it may have lost notes the slave holds; the slave is recorded
+//!   as dropped at the restarted copy's watermark.
+//! - A dropped peer returns with `base` = its commit watermark, which is never beyond the last op its
+//!   history shares with the master's (`Dropped::common_op`; a copy that is, was written by a history
+//!   the master dropped and must be reprovisioned: `ResetCopy`); the master sends the current content of
+//!   every range changed after `base`, op by op in op order, as of a snapshot at its commit watermark
+//!   `K`, then every note after `K`. Once the peer has committed what the master committed, a new epoch
+//!   pairs them.
 
 use std::collections::{BTreeMap, VecDeque};
 
 use crate::cluster::authority::{Dropped, Membership};
-use crate::replication::message::{ByteRange, Message, NoteMessage};
+use crate::replication::message::{Message, NoteMessage};
 
 /// Identifies one connection; a message from any other than the current link is ignored.
 pub type LinkId = u64;
@@ -99,9 +102,11 @@ pub enum AuthorityReply {
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Event {
-    /// The local copy recovered; its next op is `committed + 1`.
+    /// The local copy recovered; its next op is `committed + 1`. `incomplete`: it was being caught up
+    /// (or reprovisioned) and had not finished: it is not a full copy at any op yet.
     Start {
         committed: u64,
+        incomplete: bool,
     },
     /// The clock moved; timers are checked.
     Tick,
@@ -129,9 +134,9 @@ pub enum Event {
     Committed {
         through: u64,
     },
-    /// Answer to `FindChangedSince`.
-    RepairRanges {
-        ranges: Vec<ByteRange>,
+    /// Answer to `ResetCopy`: the copy is empty now (its watermark is `committed`).
+    CopyReset {
+        committed: u64,
     },
     /// Answer to `StartCatchUpSource`: the snapshot holds every op up to `through`.
     CatchUpSnapshot {
@@ -175,28 +180,23 @@ pub enum Action {
     /// Drop every note above the commit watermark (failing their host requests); the next op becomes
     /// `committed + 1`.
     DiscardUncommitted,
-    /// Answer with `RepairRanges`: the ranges of every committed extent with op > `op`.
-    FindChangedSince {
-        op: u64,
-    },
-    /// Master: snapshot now (answer `CatchUpSnapshot` before any other event), then stream the content
-    /// of every range changed after `base` or listed in `repair` as `CatchUpExtent`s, then `CatchUpEnd`.
+    /// The copy holds ops of a history the master dropped: empty it (reprovisioning) and answer
+    /// `CopyReset`. (Left unanswered, the peer waits: safe, not available.)
+    ResetCopy,
+    /// Master: snapshot now (answer `CatchUpSnapshot` before any other event), then stream, op by op in
+    /// op order, the content of every range changed after `base` as `CatchUpExtent`s, then `CatchUpEnd`.
     StartCatchUpSource {
         link: LinkId,
         base: u64,
-        repair: Vec<ByteRange>,
     },
     StopCatchUpSource {
         link: LinkId,
     },
-    /// Returning peer: write this extent with its op (it is not a note: it does not move the
-    /// watermark).
+    /// Returning peer: write this item as a note with its op (the op sequence may jump forward).
     ApplyCatchUpExtent(NoteMessage),
-    /// Returning peer: once every extent before is durable, the watermark becomes `through` (exactly,
-    /// when `rewind`: the copy's notes after its base were from a dropped history).
+    /// Returning peer: once everything before is durable, the watermark becomes at least `through`.
     FinishCatchUp {
         through: u64,
-        rewind: bool,
     },
 }
 
@@ -244,6 +244,9 @@ pub struct Peer {
     membership: Option<Membership>,
     /// The local copy's commit watermark.
     committed: u64,
+    /// The newest op the local copy gave a host write (master): every op a slave can hold is at most
+    /// this one.
+    last_created: u64,
     commit_limit: u64,
     link: Option<Link>,
     connecting: bool,
@@ -268,11 +271,14 @@ pub struct Peer {
     delivered: u64,
     /// Returning peer: the last op its history shares with the master's.
     common_op: u64,
-    repair: Option<Vec<ByteRange>>,
+    /// Returning peer: its copy is ready for a Hello (reset if it had to be).
+    ready: bool,
     /// Returning peer: Finish sent; its state is now a prefix of the master's history.
     caught_up: bool,
     /// Returning peer: the snapshot op of a finish the local copy has not confirmed yet.
     finishing: Option<u64>,
+    /// The local copy is not whole: a catch-up (or reprovisioning) started and has not finished.
+    incomplete: bool,
     /// When this slave last heard from its master (starts its takeover timer).
     master_heard_us: u64,
     last_echo_us: u64,
@@ -291,6 +297,7 @@ impl Peer {
             epoch: 0,
             membership: None,
             committed: 0,
+            last_created: 0,
             commit_limit: u64::MAX,
             link: None,
             connecting: false,
@@ -304,9 +311,10 @@ impl Peer {
             held: BTreeMap::new(),
             delivered: 0,
             common_op: 0,
-            repair: None,
+            ready: false,
             caught_up: false,
             finishing: None,
+            incomplete: false,
             master_heard_us: 0,
             last_echo_us: 0,
             master_committed: None,
@@ -350,18 +358,29 @@ impl Peer {
     /// Whether reads may be served now: a paired master needs its lease.
     pub fn serves_reads(&self, now_us: u64) -> bool {
         match self.role {
-            Role::SoloMaster => true,
+            // A pairing proposal that may already have won makes the peer an in-sync slave, which
+            // may take over: from the proposal on, reads need the lease as when paired.
+            Role::SoloMaster => !self.pairing_proposed() || now_us < self.lease_until_us,
             Role::Master => now_us < self.lease_until_us,
             _ => false,
         }
     }
 
+    fn pairing_proposed(&self) -> bool {
+        matches!(&self.pending, Some((_, Pending::Cas(proposed))) if proposed.slave.is_some())
+    }
+
     pub fn handle(&mut self, now_us: u64, event: Event, actions: &mut Vec<Action>) {
         match event {
-            Event::Start { committed } => {
+            Event::Start {
+                committed,
+                incomplete,
+            } => {
+                self.incomplete = incomplete;
                 assert_eq!(self.role, Role::Starting, "a peer starts once");
                 self.committed = committed;
                 self.delivered = committed;
+                self.last_created = committed;
                 self.request(now_us, Pending::Read, actions);
             }
             Event::Tick => self.tick(now_us, actions),
@@ -389,11 +408,18 @@ impl Peer {
                 }
             }
             Event::Authority(reply) => self.authority_reply(now_us, reply, actions),
-            Event::NoteCreated(note) => self.note_created(note, actions),
+            Event::NoteCreated(note) => {
+                self.last_created = self.last_created.max(note.op);
+                self.note_created(note, actions)
+            }
             Event::Committed { through } => self.committed_through(through, actions),
-            Event::RepairRanges { ranges } => {
-                if self.role == Role::CatchingUp && self.repair.is_none() {
-                    self.repair = Some(ranges);
+            Event::CopyReset { committed } => {
+                if self.role == Role::CatchingUp && !self.ready {
+                    tracing::warn!(node = %self.node, "copy reset: reprovisioning from the master");
+                    self.incomplete = true;
+                    self.committed = committed;
+                    self.delivered = committed;
+                    self.ready = true;
                     self.next_connect_us = now_us;
                 }
             }
@@ -454,23 +480,20 @@ impl Peer {
             }
             AuthorityReply::Current(Some(membership)) => self.adopt(now_us, membership, actions),
             AuthorityReply::Swapped(membership) => self.swapped(now_us, membership, actions),
-            AuthorityReply::Conflict(current) if matches!(&pending, Some(Pending::Cas(p)) if p.slave.is_some() && *p != current) =>
-            {
-                // The pairing failed: what was gated for it is free again (if this peer is still master).
-                if self.role == Role::SoloMaster
-                    && self.link.is_none()
-                    && self.pairing_floor.take().is_some()
-                {
-                    self.set_commit_limit(u64::MAX, actions);
-                }
-                self.adopt(now_us, current, actions);
-            }
             AuthorityReply::Conflict(current) => {
                 // A retried CAS whose first attempt succeeded finds its own proposal.
                 if matches!(&pending, Some(Pending::Cas(proposed)) if *proposed == current) {
                     self.swapped(now_us, current, actions);
                 } else {
                     self.adopt(now_us, current, actions);
+                    // A failed pairing of a master that is still master alone: what was gated for it
+                    // is free again (never before the authority said so: a fenced one stays gated).
+                    if self.role == Role::SoloMaster
+                        && self.link.is_none()
+                        && self.pairing_floor.take().is_some()
+                    {
+                        self.set_commit_limit(u64::MAX, actions);
+                    }
                 }
             }
         }
@@ -480,7 +503,11 @@ impl Peer {
         if membership.epoch <= self.epoch {
             return;
         }
-        assert_eq!(membership.master, self.node, "only a master proposes");
+        if membership.master != self.node {
+            // This peer's own request to be dropped (named in-sync while incomplete): follow it.
+            self.adopt(now_us, membership, actions);
+            return;
+        }
         let was = self.role;
         self.epoch = membership.epoch;
         self.membership = Some(membership.clone());
@@ -517,16 +544,21 @@ impl Peer {
             if membership.epoch == self.epoch && acting_master {
                 return;
             }
-            // Restarted (or lost track): a master whose notes may be missing takes a new epoch alone,
-            // recording its slave as dropped at the last op it is sure both share.
+            // Restarted (or lost track): recovery replayed every durable note, so this copy has every
+            // op it acknowledged, perhaps not every op the slave holds: take a new epoch alone, with
+            // the slave dropped at this copy's watermark (a dropped peer ahead of its common op is
+            // reprovisioned).
+            self.membership = Some(membership.clone());
             let dropped = match (&membership.slave, &membership.dropped) {
                 (Some(slave), _) => Some(Dropped {
                     node: slave.clone(),
                     common_op: self.committed,
                 }),
-                (None, dropped) => dropped.clone(),
+                (None, dropped) => dropped.as_ref().map(|dropped| Dropped {
+                    node: dropped.node.clone(),
+                    common_op: dropped.common_op.min(self.committed),
+                }),
             };
-            self.membership = Some(membership.clone());
             let proposed = Membership {
                 epoch: membership.epoch + 1,
                 master: self.node.clone(),
@@ -544,6 +576,26 @@ impl Peer {
         let stash = std::mem::take(&mut self.stash);
         let link_node = self.link.as_ref().map(|link| link.node.clone());
         self.membership = Some(membership.clone());
+        let catching_up = self.role == Role::CatchingUp && !(self.caught_up && self.ready);
+        let in_sync_copy = !self.incomplete && !catching_up;
+        if membership.slave.as_deref() == Some(self.node.as_str()) && !in_sync_copy {
+            // Named the in-sync slave (a pairing raced with a crash or a reset of this copy), but this
+            // copy is not whole: it must never take over. Ask to be dropped instead.
+            tracing::warn!(node = %self.node, epoch = membership.epoch,
+                "named in-sync slave while this copy is incomplete: asking to be dropped");
+            let proposed = Membership {
+                epoch: membership.epoch + 1,
+                master: membership.master.clone(),
+                slave: None,
+                dropped: Some(Dropped {
+                    node: self.node.clone(),
+                    common_op: self.committed,
+                }),
+            };
+            self.drop_link(actions, true);
+            self.propose(now_us, proposed, actions);
+            return;
+        }
         if membership.slave.as_deref() == Some(self.node.as_str()) {
             let continuing = matches!(self.role, Role::Slave)
                 || (self.role == Role::CatchingUp && self.caught_up);
@@ -580,8 +632,15 @@ impl Peer {
             self.drop_link(actions, true);
             actions.push(Action::DiscardUncommitted);
             self.delivered = self.committed;
-            self.repair = None;
-            actions.push(Action::FindChangedSince { op: self.common_op });
+            if self.committed > self.common_op {
+                // Ops beyond the common one come from a history the master dropped.
+                tracing::error!(node = %self.node, committed = self.committed, common = self.common_op,
+                    "this copy holds ops of a dropped history: it must be reprovisioned");
+                self.ready = false;
+                actions.push(Action::ResetCopy);
+            } else {
+                self.ready = true;
+            }
         } else {
             tracing::warn!(node = %self.node, epoch = membership.epoch, "not a member of the volume: fenced");
             self.epoch = membership.epoch;
@@ -652,13 +711,14 @@ impl Peer {
                 return;
             };
             tracing::warn!(node = %self.node, %slave, "lease expired: going on alone");
+            // Every op the slave holds came from this master, which commits all it created.
             let proposed = Membership {
                 epoch: self.epoch + 1,
                 master: self.node.clone(),
                 slave: None,
                 dropped: Some(Dropped {
                     node: slave,
-                    common_op: self.committed,
+                    common_op: self.committed.max(self.last_created),
                 }),
             };
             self.propose(now_us, proposed, actions);
@@ -692,7 +752,7 @@ impl Peer {
             }
         } else if !self.connecting
             && now_us >= self.next_connect_us
-            && (self.role == Role::Slave || self.repair.is_some())
+            && (self.role == Role::Slave || self.ready)
         {
             self.connecting = true;
             self.next_connect_us = now_us + self.timing.heartbeat_interval_us;
@@ -715,7 +775,7 @@ impl Peer {
             let expected = self.membership.as_ref().map(|m| m.master.as_str());
             let ready = match self.role {
                 Role::Slave => true,
-                Role::CatchingUp => self.repair.is_some(),
+                Role::CatchingUp => self.ready,
                 _ => false,
             };
             if !ready || expected != Some(node.as_str()) {
@@ -729,25 +789,27 @@ impl Peer {
                 phase: LinkPhase::Receiving,
                 last_heard_us: now_us,
             });
-            let (base, rejoin, repair) = if self.role == Role::CatchingUp && !self.caught_up {
-                // A finish still pending from an earlier catch-up does not count for this one.
+            let (base, rejoin) = if self.role == Role::CatchingUp && !self.caught_up {
+                // What an interrupted catch-up left uncommitted (items, a finish, notes after it) is
+                // dropped: this one starts again from the watermark.
                 self.finishing = None;
-                (
-                    self.committed.min(self.common_op),
-                    true,
-                    self.repair.clone().unwrap_or_default(),
-                )
+                if self.delivered > self.committed {
+                    actions.push(Action::DiscardUncommitted);
+                    self.delivered = self.committed;
+                }
+                self.held.clear();
+                (self.committed, true)
             } else {
                 // Every op up to `delivered` is in the local copy's log and commits in order: the
                 // catch-up need not (and must not: it would overwrite newer notes with older extents)
                 // resend any of it.
-                (self.delivered, false, Vec::new())
+                (self.delivered, false)
             };
             let hello = Message::Hello {
                 node: self.node.clone(),
                 base,
                 rejoin,
-                repair,
+                repair: Vec::new(),
             };
             self.send(link, hello, actions);
             return;
@@ -832,12 +894,10 @@ impl Peer {
                 self.stash.push((epoch, message));
                 self.read_authority(now_us, actions);
             } else {
+                // A master is fenced only by what the authority says (its own proposal for this
+                // epoch may be the one that won): until then it cannot commit past its slave anyway.
                 tracing::warn!(node = %self.node, epoch, current = self.epoch, "newer epoch seen");
-                if matches!(self.role, Role::Master | Role::SoloMaster) {
-                    self.fence(actions);
-                } else {
-                    self.drop_link(actions, true);
-                }
+                self.drop_link(actions, true);
                 self.read_authority(now_us, actions);
             }
             return;
@@ -852,22 +912,15 @@ impl Peer {
         match (self.role, message) {
             (_, Message::Stale { epoch: newer }) => {
                 tracing::info!(node = %self.node, newer, "peer is at a newer epoch");
-                if matches!(self.role, Role::Master | Role::SoloMaster) {
-                    self.fence(actions);
-                } else {
-                    self.drop_link(actions, true);
-                }
+                self.drop_link(actions, true);
                 self.read_authority(now_us, actions);
             }
             (
                 Role::Master | Role::SoloMaster,
                 Message::Hello {
-                    node,
-                    base,
-                    rejoin,
-                    repair,
+                    node, base, rejoin, ..
                 },
-            ) => self.hello(now_us, &link, node, base, rejoin, repair, actions),
+            ) => self.hello(now_us, &link, node, base, rejoin, actions),
             (Role::Master | Role::SoloMaster, Message::Ack { committed, echo }) => {
                 self.ack(now_us, &link, committed, echo, actions)
             }
@@ -892,7 +945,6 @@ impl Peer {
         node: String,
         base: u64,
         rejoin: bool,
-        repair: Vec<ByteRange>,
         actions: &mut Vec<Action>,
     ) {
         if link.phase != LinkPhase::AwaitHello || node != link.node {
@@ -911,11 +963,10 @@ impl Peer {
         if let Some(current) = self.link.as_mut() {
             current.last_heard_us = now_us;
         }
-        tracing::info!(node = %self.node, peer = %node, base, rejoin, repair = repair.len(), "catching up a peer");
+        tracing::info!(node = %self.node, peer = %node, base, rejoin, "catching up a peer");
         actions.push(Action::StartCatchUpSource {
             link: link.id,
             base,
-            repair,
         });
     }
 
@@ -1016,6 +1067,7 @@ impl Peer {
         if let Some(snapshot) = self.finishing.filter(|&snapshot| through >= snapshot) {
             self.finishing = None;
             self.caught_up = true;
+            self.incomplete = false;
             self.common_op = snapshot;
         }
         if matches!(self.role, Role::Slave | Role::CatchingUp) {
@@ -1052,19 +1104,26 @@ impl Peer {
                 self.master_committed = Some(committed);
                 self.send_ack(actions);
             }
-            Message::CatchUpExtent(extent) => actions.push(Action::ApplyCatchUpExtent(extent)),
+            Message::CatchUpExtent(extent) => {
+                // Items come in op order; each one is in the local log from now on.
+                self.delivered = self.delivered.max(extent.op);
+                self.incomplete = true;
+                actions.push(Action::ApplyCatchUpExtent(extent));
+            }
             Message::CatchUpDone { through } => {
-                let rewind = self.role == Role::CatchingUp && !self.caught_up;
-                if rewind {
-                    // Acknowledged only once the local copy confirms the finish as durable.
-                    self.finishing = Some(through);
+                if self.role == Role::CatchingUp && !self.caught_up {
+                    if through <= self.committed {
+                        // Every item (each op <= through) is committed already.
+                        self.caught_up = true;
+                        self.incomplete = false;
+                        self.common_op = through;
+                    } else {
+                        // In sync only once the local copy confirms the finish as durable.
+                        self.finishing = Some(through);
+                    }
                 }
-                actions.push(Action::FinishCatchUp { through, rewind });
-                let now_holds = if rewind {
-                    through
-                } else {
-                    self.delivered.max(through)
-                };
+                actions.push(Action::FinishCatchUp { through });
+                let now_holds = self.delivered.max(through);
                 self.delivered = now_holds;
                 self.held = self.held.split_off(&(now_holds + 1));
                 self.deliver(actions);

@@ -41,7 +41,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Instant;
 
 use crate::cluster::authority::Membership;
-use crate::replication::message::{ByteRange, Message, NoteKind, NoteMessage};
+use crate::replication::message::{Message, NoteKind, NoteMessage};
 use crate::replication::peer::{Action, AuthorityReply, Event, LinkId, Peer, Role, Timing};
 use crate::sim_rng::Rng;
 
@@ -57,6 +57,8 @@ const TIMING: Timing = Timing {
 const FAULT_STEPS: u64 = 4_000;
 const HEAL_TIME_US: u64 = 400_000;
 const SEEDS_DEFAULT: u64 = 1_000;
+/// Link ids of stray deliveries (never a live link's id).
+const STRAY_LINK_OFFSET: LinkId = 1 << 40;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct Cell {
@@ -74,39 +76,39 @@ enum Entry {
         durable: bool,
         /// Dropped by a later `Discard` (in memory; after a power cut only a durable discard counts).
         void: bool,
-    },
-    Extent {
-        extent: NoteMessage,
-        durable: bool,
-    },
-    Finish {
-        through: u64,
-        rewind: bool,
-        durable: bool,
+        /// A catch-up item: its op may jump ahead of the watermark; its content is the master's
+        /// snapshot, not a host write.
+        catch_up: bool,
+        /// The commit watermark its journal block records once durable: min(op, the commit limit).
+        vouch: u64,
     },
     /// Notes before it above `resume` are void once it is durable (the real copy's new incarnation).
-    Discard {
-        resume: u64,
-        durable: bool,
-    },
+    Discard { resume: u64, durable: bool },
+    /// A catch-up finished: once durable, the copy is whole again.
+    Finished { durable: bool },
 }
 
 impl Entry {
     fn durable(&self) -> bool {
         match self {
             Entry::Note { durable, .. }
-            | Entry::Extent { durable, .. }
-            | Entry::Finish { durable, .. }
-            | Entry::Discard { durable, .. } => *durable,
+            | Entry::Discard { durable, .. }
+            | Entry::Finished { durable } => *durable,
         }
     }
 
-    fn make_durable(&mut self) {
+    fn make_durable(&mut self, limit: u64) {
         match self {
-            Entry::Note { durable, .. }
-            | Entry::Extent { durable, .. }
-            | Entry::Finish { durable, .. }
-            | Entry::Discard { durable, .. } => *durable = true,
+            Entry::Note {
+                durable,
+                vouch,
+                note,
+                ..
+            } => {
+                *durable = true;
+                *vouch = note.op.min(limit);
+            }
+            Entry::Discard { durable, .. } | Entry::Finished { durable } => *durable = true,
         }
     }
 }
@@ -137,7 +139,12 @@ struct ModelCopy {
     committed: u64,
     next_op: u64,
     limit: u64,
+    /// Entries not yet applied (the head may be durable, waiting for its turn or the limit).
     log: VecDeque<Entry>,
+    /// Every durable entry, in order: what recovery reads (there are no checkpoints in the model).
+    journal: Vec<Entry>,
+    /// Durable: a catch-up (or a reset) started and its finish is not durable yet.
+    incomplete: bool,
 }
 
 impl ModelCopy {
@@ -148,6 +155,28 @@ impl ModelCopy {
             next_op: 1,
             limit: u64::MAX,
             log: VecDeque::new(),
+            journal: Vec::new(),
+            incomplete: false,
+        }
+    }
+
+    /// Makes the first `count` entries not yet durable durable (in order, as the journal does). A
+    /// durable note counts as committed at recovery whatever the commit limit (the real copy's rule).
+    fn make_durable(&mut self, count: usize) {
+        let limit = u64::MAX;
+        for entry in self
+            .log
+            .iter_mut()
+            .filter(|entry| !entry.durable())
+            .take(count)
+        {
+            entry.make_durable(limit);
+            match entry {
+                Entry::Note { catch_up: true, .. } => self.incomplete = true,
+                Entry::Finished { .. } => self.incomplete = false,
+                _ => {}
+            }
+            self.journal.push(entry.clone());
         }
     }
 
@@ -155,7 +184,6 @@ impl ModelCopy {
     /// watermark moved.
     fn apply(&mut self, acked: &mut Vec<u64>, committed_notes: &mut Vec<NoteMessage>) -> bool {
         let before = self.committed;
-        let mut finished = false;
         while let Some(front) = self.log.front() {
             if !front.durable() {
                 break;
@@ -174,67 +202,115 @@ impl ModelCopy {
                     self.log.pop_front();
                     continue;
                 }
-                Entry::Note { note, .. } => {
-                    assert_eq!(note.op, self.committed + 1, "notes commit in op order");
+                Entry::Note { note, catch_up, .. } => {
+                    if *catch_up {
+                        assert!(note.op > self.committed, "catch-up items only move forward");
+                    } else {
+                        assert_eq!(note.op, self.committed + 1, "notes commit in op order");
+                    }
                     if note.op > self.limit {
                         break;
                     }
                 }
-                Entry::Extent { .. } | Entry::Finish { .. } | Entry::Discard { .. } => {}
+                Entry::Discard { .. } | Entry::Finished { .. } => {}
             }
             match self.log.pop_front().expect("front exists") {
                 Entry::Note {
-                    note, host_write, ..
+                    note,
+                    host_write,
+                    catch_up,
+                    ..
                 } => {
                     apply_to(&mut self.cells, &note);
                     self.committed = note.op;
                     acked.extend(host_write);
-                    committed_notes.push(note);
+                    if !catch_up {
+                        committed_notes.push(note);
+                    }
                 }
-                Entry::Extent { extent, .. } => apply_to(&mut self.cells, &extent),
-                Entry::Finish {
-                    through, rewind, ..
-                } => {
-                    self.committed = if rewind {
-                        through
-                    } else {
-                        self.committed.max(through)
-                    };
-                    finished = true;
-                }
-                Entry::Discard { .. } => {}
+                Entry::Discard { .. } | Entry::Finished { .. } => {}
             }
         }
-        finished || self.committed != before
+        self.committed != before
     }
 
-    /// Loses what is not durable and recovers; the notes a discard had dropped that came back
-    /// (their discard was not durable yet), in op order.
+    /// Loses what is not durable and recovers from the journal alone, as the real copy does: notes a
+    /// durable discard dropped are void; replay stops at the highest watermark a durable block records
+    /// (`vouch`: a master's blocks record only what its commit limit allowed). Returns the notes a
+    /// discard had dropped that came back (their discard was not durable), in op order.
     fn power_cut(&mut self) -> Vec<NoteMessage> {
-        let durable = self.log.iter().take_while(|entry| entry.durable()).count();
-        self.log.truncate(durable);
-        // Recovery knows only durable discards: a note is void if one after it resumed below it.
-        let mut resurrected = Vec::new();
+        self.log.clear();
         let mut lowest_resume = u64::MAX;
-        for entry in self.log.iter_mut().rev() {
+        let mut void = vec![false; self.journal.len()];
+        for (index, entry) in self.journal.iter().enumerate().rev() {
             match entry {
                 Entry::Discard { resume, .. } => lowest_resume = lowest_resume.min(*resume),
-                Entry::Note { note, void, .. } => {
-                    let now_void = note.op > lowest_resume;
-                    if *void && !now_void {
-                        resurrected.push(note.clone());
-                    }
-                    *void = now_void;
-                }
-                _ => {}
+                Entry::Note { note, .. } => void[index] = note.op > lowest_resume,
+                Entry::Finished { .. } => {}
             }
         }
-        resurrected.reverse();
+        let bound = self
+            .journal
+            .iter()
+            .zip(&void)
+            .filter(|(_, void)| !**void)
+            .map(|(entry, _)| match entry {
+                Entry::Note { vouch, .. } => *vouch,
+                Entry::Discard { .. } | Entry::Finished { .. } => 0,
+            })
+            .max()
+            .unwrap_or(0);
+        self.cells = vec![EMPTY; BLOCKS as usize];
+        self.committed = 0;
+        let mut resurrected = Vec::new();
+        let mut end = self.journal.len();
+        for (index, entry) in self.journal.iter().enumerate() {
+            if void[index] {
+                continue;
+            }
+            match entry {
+                Entry::Note {
+                    note,
+                    catch_up,
+                    void: was_void,
+                    ..
+                } => {
+                    if note.op > bound {
+                        end = index;
+                        break;
+                    }
+                    if *catch_up {
+                        assert!(note.op > self.committed, "recovery: catch-up moves forward");
+                    } else {
+                        assert_eq!(note.op, self.committed + 1, "recovery: notes in op order");
+                    }
+                    apply_to(&mut self.cells, note);
+                    self.committed = note.op;
+                    if *was_void {
+                        resurrected.push(note.clone());
+                    }
+                }
+                Entry::Discard { .. } | Entry::Finished { .. } => {}
+            }
+        }
+        // What recovery did not replay, or found void, is gone for good (the next incarnation resumes
+        // from here).
+        let journal = std::mem::take(&mut self.journal);
+        self.journal = journal
+            .into_iter()
+            .take(end)
+            .enumerate()
+            .filter(|(index, entry)| {
+                !void[*index] && !matches!(entry, Entry::Discard { .. } | Entry::Finished { .. })
+            })
+            .map(|(_, mut entry)| {
+                if let Entry::Note { void, .. } = &mut entry {
+                    *void = false;
+                }
+                entry
+            })
+            .collect();
         self.limit = u64::MAX;
-        let mut acked = Vec::new();
-        let mut notes = Vec::new();
-        self.apply(&mut acked, &mut notes);
-        assert!(self.log.is_empty(), "recovery replays every durable entry");
         self.next_op = self.committed + 1;
         resurrected
     }
@@ -251,22 +327,20 @@ impl ModelCopy {
                 *void = true;
             }
         }
+        let committed = self.committed;
+        for entry in self.journal.iter_mut() {
+            if let Entry::Note { note, void, .. } = entry
+                && note.op > committed
+            {
+                *void = true;
+            }
+        }
         self.log.push_back(Entry::Discard {
             resume: self.committed,
             durable: false,
         });
         self.next_op = self.committed + 1;
         failed
-    }
-
-    fn changed_since(&self, op: u64) -> Vec<ByteRange> {
-        (0..BLOCKS)
-            .filter(|&block| self.cells[block as usize].op > op)
-            .map(|block| ByteRange {
-                offset: block * BLOCK_BYTES,
-                length: BLOCK_BYTES,
-            })
-            .collect()
     }
 }
 
@@ -347,6 +421,7 @@ struct SimStats {
     partitions: u64,
     takeovers: u64,
     pairings: u64,
+    resets: u64,
     max_epoch: u64,
 }
 
@@ -358,6 +433,7 @@ impl SimStats {
         self.partitions += other.partitions;
         self.takeovers += other.takeovers;
         self.pairings += other.pairings;
+        self.resets += other.resets;
         self.max_epoch = self.max_epoch.max(other.max_epoch);
     }
 }
@@ -591,15 +667,7 @@ impl Simulation {
                     .count() as u64;
                 if pending > 0 {
                     let count = self.rng.between(1, pending);
-                    for entry in self.nodes[node]
-                        .copy
-                        .log
-                        .iter_mut()
-                        .filter(|entry| !entry.durable())
-                        .take(count as usize)
-                    {
-                        entry.make_durable();
-                    }
+                    self.nodes[node].copy.make_durable(count as usize);
                     let mut events = VecDeque::new();
                     self.copy_progress(node, &mut events);
                     for event in events {
@@ -638,6 +706,25 @@ impl Simulation {
             return;
         }
         match scheduled.delivery {
+            Delivery::Event(Event::LinkUp {
+                link,
+                node: peer,
+                initiated,
+            }) => {
+                self.feed(
+                    node,
+                    Event::LinkUp {
+                        link,
+                        node: peer,
+                        initiated,
+                    },
+                );
+                // Broken before this end heard of it: the break comes after (a socket reports its
+                // close after its connection, never before).
+                if self.links.get(&link).is_some_and(|sim_link| !sim_link.up) {
+                    self.feed(node, Event::LinkDown { link });
+                }
+            }
             Delivery::Event(event) => self.feed(node, event),
             Delivery::AuthorityRead => {
                 let reply = AuthorityReply::Current(Some(self.authority.clone()));
@@ -731,7 +818,14 @@ impl Simulation {
         if self.trace {
             eprintln!("[{}] {} starts at {committed}", self.now_us, NODES[node]);
         }
-        self.feed(node, Event::Start { committed });
+        let incomplete = self.nodes[node].copy.incomplete;
+        self.feed(
+            node,
+            Event::Start {
+                committed,
+                incomplete,
+            },
+        );
     }
 
     fn crash(&mut self, node: usize) {
@@ -916,8 +1010,9 @@ impl Simulation {
                 };
                 let end = usize::from(sim_link.ends[1] == node);
                 if !sim_link.up {
-                    // A message sent on a link the sender does not know is dead yet: sometimes it
-                    // still arrives, late (the receiver must ignore it).
+                    // Sent on a link that is gone: TCP delivers none of it. Model a stray arrival from
+                    // a connection the receiver no longer uses (reordering across reconnects): it
+                    // carries a link id the receiver cannot hold as current, and must be ignored.
                     if self.net_rng.chance(1, 10) {
                         let receiver = sim_link.ends[1 - end];
                         let delay = self.net_rng.between(500, 5_000);
@@ -925,7 +1020,7 @@ impl Simulation {
                             delay,
                             receiver,
                             Delivery::Message {
-                                link,
+                                link: link + STRAY_LINK_OFFSET,
                                 epoch,
                                 message,
                             },
@@ -1011,12 +1106,10 @@ impl Simulation {
                 }
             }
             Action::SetCommitLimit { through } => {
+                // The peer's view of the watermark may trail the copy's by an event: a limit below
+                // the watermark means "nothing more", as the real copy takes it.
                 let copy = &mut self.nodes[node].copy;
-                assert!(
-                    through >= copy.committed,
-                    "a commit limit below the watermark"
-                );
-                copy.limit = through;
+                copy.limit = through.max(copy.committed);
                 self.copy_progress(node, immediate);
             }
             Action::ApplyNote(note) => {
@@ -1028,6 +1121,8 @@ impl Simulation {
                     host_write: None,
                     durable: false,
                     void: false,
+                    catch_up: false,
+                    vouch: 0,
                 });
             }
             Action::DiscardUncommitted => {
@@ -1036,42 +1131,56 @@ impl Simulation {
                     self.host_failed(write);
                 }
             }
-            Action::FindChangedSince { op } => {
-                let ranges = self.nodes[node].copy.changed_since(op);
-                immediate.push_back(Event::RepairRanges { ranges });
+            Action::ResetCopy => {
+                // Reprovisioning: the copy starts empty (durably: the real node's store is recreated).
+                let copy = &mut self.nodes[node].copy;
+                *copy = ModelCopy::new();
+                copy.incomplete = true;
+                self.stats.resets += 1;
+                immediate.push_back(Event::CopyReset { committed: 0 });
             }
-            Action::StartCatchUpSource { link, base, repair } => {
+            Action::StartCatchUpSource { link, base } => {
+                // The snapshot's content, op by op in op order: one item per op spanning its blocks,
+                // with what lies between them as the snapshot has it.
                 let copy = &self.nodes[node].copy;
                 let through = copy.committed;
-                let mut extents = Vec::new();
-                for block in 0..BLOCKS {
-                    let cell = copy.cells[block as usize];
-                    let offset = block * BLOCK_BYTES;
-                    let repaired = repair.iter().any(|range| {
-                        range.offset <= offset && offset < range.offset + range.length
-                    });
-                    if cell.op > base || repaired {
-                        extents.push(NoteMessage {
-                            op: cell.op,
-                            kind: if cell.value == 0 {
-                                NoteKind::Zero
-                            } else {
-                                NoteKind::Write
-                            },
-                            offset,
-                            length: BLOCK_BYTES,
-                            data: if cell.value == 0 {
-                                Vec::new()
-                            } else {
-                                cell.value.to_le_bytes().to_vec()
-                            },
-                        });
+                let cells = copy.cells.clone();
+                let mut spans: BTreeMap<u64, (usize, usize)> = BTreeMap::new();
+                for (block, cell) in cells.iter().enumerate() {
+                    if cell.op > base {
+                        let span = spans.entry(cell.op).or_insert((block, block));
+                        span.0 = span.0.min(block);
+                        span.1 = span.1.max(block);
                     }
+                }
+                let mut items = Vec::new();
+                for (op, (first, last)) in spans {
+                    let values: Vec<u64> =
+                        cells[first..=last].iter().map(|cell| cell.value).collect();
+                    let zero = values.iter().all(|value| *value == 0);
+                    items.push(NoteMessage {
+                        op,
+                        kind: if zero {
+                            NoteKind::Zero
+                        } else {
+                            NoteKind::Write
+                        },
+                        offset: first as u64 * BLOCK_BYTES,
+                        length: (last - first + 1) as u64 * BLOCK_BYTES,
+                        data: if zero {
+                            Vec::new()
+                        } else {
+                            values
+                                .iter()
+                                .flat_map(|value| value.to_le_bytes())
+                                .collect()
+                        },
+                    });
                 }
                 self.nodes[node].sources.insert(link, ());
                 immediate.push_back(Event::CatchUpSnapshot { link, through });
                 let mut delay = 0;
-                for extent in extents {
+                for extent in items {
                     delay += self.net_rng.between(10, 300);
                     self.schedule(
                         delay,
@@ -1089,23 +1198,45 @@ impl Simulation {
                 self.nodes[node].sources.remove(&link);
             }
             Action::ApplyCatchUpExtent(extent) => {
-                self.nodes[node].copy.log.push_back(Entry::Extent {
-                    extent,
+                let copy = &mut self.nodes[node].copy;
+                assert!(
+                    extent.op >= copy.next_op,
+                    "seed {}: catch-up items move forward ({} < {})",
+                    self.seed,
+                    extent.op,
+                    copy.next_op
+                );
+                copy.next_op = extent.op + 1;
+                copy.log.push_back(Entry::Note {
+                    note: extent,
+                    host_write: None,
                     durable: false,
+                    void: false,
+                    catch_up: true,
+                    vouch: 0,
                 });
             }
-            Action::FinishCatchUp { through, rewind } => {
+            Action::FinishCatchUp { through } => {
+                // A zero-length jump note, as the real copy writes it (nothing when already there).
                 let copy = &mut self.nodes[node].copy;
-                copy.next_op = if rewind {
-                    through + 1
-                } else {
-                    copy.next_op.max(through + 1)
-                };
-                copy.log.push_back(Entry::Finish {
-                    through,
-                    rewind,
-                    durable: false,
-                });
+                if through >= copy.next_op {
+                    copy.next_op = through + 1;
+                    copy.log.push_back(Entry::Note {
+                        note: NoteMessage {
+                            op: through,
+                            kind: NoteKind::Zero,
+                            offset: 0,
+                            length: 0,
+                            data: Vec::new(),
+                        },
+                        host_write: None,
+                        durable: false,
+                        void: false,
+                        catch_up: true,
+                        vouch: 0,
+                    });
+                }
+                copy.log.push_back(Entry::Finished { durable: false });
             }
         }
     }
@@ -1207,6 +1338,8 @@ impl Simulation {
             host_write: Some(write),
             durable: false,
             void: false,
+            catch_up: false,
+            vouch: 0,
         });
         // The authority's current master assigns the history's op numbers: a reused number ends the
         // history it had. A stale master's notes belong to no history: they must never commit.

@@ -6,13 +6,13 @@
 //! Must never: read past the bytes it was given, keep more than one option (at most `OPTION_LENGTH_MAX`
 //! bytes) in memory, or let a malformed option do anything but produce an error reply or a disconnect.
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use crate::frontend::nbd::proto::{
     self, BLOCK_SIZE_MIN, BLOCK_SIZE_PREFERRED, ClientFlags, HandshakeFlags, META_BASE_ALLOCATION,
     META_BASE_ALLOCATION_ID, NBDMAGIC, OPTION_HEADER_LEN, OPTION_LENGTH_MAX, REQUEST_LENGTH_MAX,
     Reader, TransmissionFlags, info, opt, rep,
 };
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 /// One export as the negotiation sees it.
 #[derive(Debug, Clone)]
@@ -28,7 +28,12 @@ pub struct ExportInfo {
 }
 
 impl ExportInfo {
-    pub fn new(name: String, description: String, size_bytes: u64, flags: TransmissionFlags) -> ExportInfo {
+    pub fn new(
+        name: String,
+        description: String,
+        size_bytes: u64,
+        flags: TransmissionFlags,
+    ) -> ExportInfo {
         ExportInfo {
             name,
             description,
