@@ -117,11 +117,13 @@ impl Cluster {
             .iter()
             .find(|volume| volume.name == "vol0")
             .expect("vol0 in the report");
-        volume
+        let mut roles: Vec<(String, String)> = volume
             .peers
             .iter()
             .map(|peer| (peer.node.clone(), peer.role.clone()))
-            .collect()
+            .collect();
+        roles.sort();
+        roles
     }
 
     /// Polls `ferroblock status` until `n1` and `n2` show these roles.
