@@ -1,7 +1,7 @@
 use std::process::ExitCode;
 
 use clap::Parser;
-use ferroblock::config::{Cli, Command, ServeArgs};
+use ferroblock::config::{Cli, Command};
 
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
@@ -13,32 +13,31 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         // clap lets --config and --node come only together.
-        Command::Serve(
-            args_for_cluster @ ServeArgs {
-                config: Some(_),
-                node: Some(_),
-                ..
-            },
-        ) => match ferroblock::cluster::command::load_serve_node(&config, &node) {
-            Err(error) => {
-                eprintln!("ferroblock: {error}");
-                ExitCode::from(2)
-            }
-            Ok(cluster) => {
-                let serve = ServeArgs {
-                    config: None,
-                    node: None,
-                    ..args_for_cluster
-                };
-                match ferroblock::server::serve_node(&cluster, &node, serve.into_config()) {
-                    Ok(()) => ExitCode::SUCCESS,
-                    Err(error) => {
-                        eprintln!("ferroblock: {error}");
-                        ExitCode::from(1)
+        Command::Serve(mut args_for_cluster)
+            if args_for_cluster.config.is_some() && args_for_cluster.node.is_some() =>
+        {
+            let config = args_for_cluster.config.take().unwrap_or_default();
+            let node = args_for_cluster.node.take().unwrap_or_default();
+            match ferroblock::cluster::command::load_serve_node(&config, &node) {
+                Err(error) => {
+                    eprintln!("ferroblock: {error}");
+                    ExitCode::from(2)
+                }
+                Ok(cluster) => {
+                    match ferroblock::server::serve_node(
+                        &cluster,
+                        &node,
+                        args_for_cluster.into_config(),
+                    ) {
+                        Ok(()) => ExitCode::SUCCESS,
+                        Err(error) => {
+                            eprintln!("ferroblock: {error}");
+                            ExitCode::from(1)
+                        }
                     }
                 }
             }
-        },
+        }
         Command::Serve(args) => match ferroblock::server::serve(args.into_config()) {
             Ok(()) => ExitCode::SUCCESS,
             Err(error) => {

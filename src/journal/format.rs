@@ -13,7 +13,9 @@
 //! `resume_op`: the commit watermark the writer's incarnation recovered to. Notes with a larger op in
 //! blocks of earlier incarnations were dropped by that recovery and are void from then on.
 //! `durable_before`: every block with a smaller seq was durable when this one was written.
-//! `commit_through`: every op up to it is committed once this block and all before it are durable.
+//! `commit_through`: every op up to it is committed once this block and all before it are durable
+//! (the writer's last op, capped by its commit limit: a replication master commits only what its
+//! slave committed, so its recovery must not go further).
 
 pub const JOURNAL_BLOCK_BYTES: usize = 4096;
 pub const BLOCK_HEADER_BYTES: usize = 64;

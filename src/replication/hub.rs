@@ -21,6 +21,7 @@ use mio::{Interest, Registry, Token};
 use crate::cluster::authority::{Authority, CasOutcome};
 use crate::cluster::status::{PeerState, Role as StatusRole, StatusBoard};
 use crate::replication::auth::{self, Handshake, Progress};
+pub use crate::replication::message::CatchUpItem;
 use crate::replication::message::{ByteRange, NoteMessage};
 use crate::replication::peer::{Action, AuthorityReply, Event, LinkId, Peer, Role, Timing};
 use crate::replication::wire::{self, FrameDecoder, VolumeId as WireVolumeId};
@@ -33,13 +34,6 @@ const SEND_BACKLOG_MAX: usize = 256 << 20;
 const TICK_INTERVAL_US: u64 = 1_000;
 const READ_CHUNK: usize = 256 << 10;
 
-/// One item of a catch-up source's stream.
-#[derive(Debug)]
-pub enum CatchUpItem {
-    Extent(NoteMessage),
-    End,
-}
-
 /// What replication needs from a volume's local copy. Implemented by `Volume` (persistent copies);
 /// the simulator has its own model.
 pub trait ReplicaStore {
@@ -49,13 +43,14 @@ pub trait ReplicaStore {
     fn set_commit_limit(&mut self, through: u64);
     fn apply_note(&mut self, note: NoteMessage);
     fn discard_uncommitted(&mut self);
-    fn changed_since(&self, op: u64) -> Vec<ByteRange>;
-    /// Snapshot now; returns the snapshot's commit watermark.
-    fn start_catch_up_source(&mut self, id: u64, base: u64, repair: &[ByteRange]) -> u64;
+    /// Snapshot now; returns the snapshot's commit watermark `K`. The source streams the snapshot's
+    /// content of everything changed after `base`, in op order (`VolumeCopy::start_catch_up_source`).
+    fn start_catch_up_source(&mut self, id: u64, base: u64) -> u64;
     fn poll_catch_up_source(&mut self, id: u64, out: &mut Vec<CatchUpItem>, budget_bytes: usize);
     fn stop_catch_up_source(&mut self, id: u64);
     fn apply_catch_up_extent(&mut self, extent: NoteMessage);
-    fn finish_catch_up(&mut self, through: u64, rewind: bool);
+    /// Every catch-up item through `through` was applied: the watermark moves there once durable.
+    fn finish_catch_up(&mut self, through: u64);
     /// Whether host writes are accepted and until when reads are served (`None`: not at all).
     fn set_serving(&mut self, writes: bool, reads: bool);
 }
@@ -449,7 +444,7 @@ impl ReplicationHub {
                     socket.state = SocketState::Authenticating { handshake };
                 }
                 Err(error) if error.kind() == io::ErrorKind::NotConnected => {
-                    if let Ok(Some(error)) | Err(error) = socket.stream.take_error().map_err(|e| e)
+                    if let Ok(Some(error)) | Err(error) = socket.stream.take_error()
                     {
                         tracing::info!(%error, "replication connect failed");
                         self.fail_connect(slot, now, stores);
@@ -854,16 +849,15 @@ impl ReplicationHub {
             Action::DiscardUncommitted => {
                 stores.with(volume_index, &mut |store| store.discard_uncommitted());
             }
-            Action::FindChangedSince { op } => {
-                let mut ranges = Vec::new();
-                stores.with(volume_index, &mut |store| ranges = store.changed_since(op));
-                let ranges = coalesce(ranges, wire::REPAIR_RANGES_MAX);
+            Action::FindChangedSince { .. } => {
+                // Catch-up no longer rewinds (no repair ranges): the peer change removes this action.
+                let ranges = coalesce(Vec::new(), wire::REPAIR_RANGES_MAX);
                 events.push_front(Event::RepairRanges { ranges });
             }
-            Action::StartCatchUpSource { link, base, repair } => {
+            Action::StartCatchUpSource { link, base, .. } => {
                 let mut through = 0;
                 stores.with(volume_index, &mut |store| {
-                    through = store.start_catch_up_source(link, base, &repair);
+                    through = store.start_catch_up_source(link, base);
                 });
                 self.volumes[index].sources.push(link);
                 self.volumes[index]
@@ -884,8 +878,8 @@ impl ReplicationHub {
                     }
                 });
             }
-            Action::FinishCatchUp { through, rewind } => {
-                stores.with(volume_index, &mut |store| store.finish_catch_up(through, rewind));
+            Action::FinishCatchUp { through, .. } => {
+                stores.with(volume_index, &mut |store| store.finish_catch_up(through));
             }
         }
     }

@@ -56,3 +56,15 @@ pub enum Message {
     /// A refusal: the sender is at `epoch`, newer than the message it refuses.
     Stale { epoch: u64 },
 }
+
+/// One item of a catch-up source's stream (the master's copy produces them, the hub sends them).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CatchUpItem {
+    /// The snapshot's content of one op's range: every extent of the snapshot whose op is this op,
+    /// merged into one range (`offset`..`offset + length`) that spans them; what lies between them is
+    /// sent with the snapshot's current content (a later op's data or zeros), which that later op's
+    /// own item sends again. `kind` is `Write` (with data) or `Zero` (the whole range reads as zeros).
+    Extent(NoteMessage),
+    /// Every item was produced.
+    End,
+}

@@ -345,8 +345,10 @@ impl VolumeCopy {
     /// Replication master: notes with op > `through` are made durable as usual but not committed
     /// (not readable, not acknowledged) until the limit is raised; raising it commits what is durable,
     /// in op order, now. A limit below the watermark means the watermark (what is committed stays so).
-    /// Recovery ignores the limit: it replays every durable note (the protocol relies on "durable =>
-    /// committed at recovery"; a restarted master takes a new epoch).
+    /// Journal blocks record `min(last op, limit)` as their commit watermark (`commit_through`), so
+    /// recovery stops there: notes above the limit stay uncommitted after a crash, and an op committed
+    /// after the limit was raised survives a crash only once a block sealed after the raise is durable
+    /// (a restarted master hands over to its slave, which has everything acknowledged).
     pub fn set_commit_limit(
         &mut self,
         through: u64,
@@ -402,6 +404,44 @@ impl VolumeCopy {
         }
         self.parked_applies += 1;
         Ok(())
+    }
+
+    /// Catch-up source (master): not written yet.
+    pub fn start_catch_up_source(&mut self, _id: u64, _base: u64) -> u64 {
+        todo!("catch-up source")
+    }
+
+    pub fn poll_catch_up_source(
+        &mut self,
+        _id: u64,
+        _out: &mut Vec<replication::CatchUpItem>,
+        _budget_bytes: usize,
+        _device: &mut dyn Device,
+        _done: &mut VecDeque<IoCompletion>,
+    ) {
+        todo!("catch-up source")
+    }
+
+    pub fn stop_catch_up_source(&mut self, _id: u64) {
+        todo!("catch-up source")
+    }
+
+    pub fn apply_catch_up(
+        &mut self,
+        _item: NoteMessage,
+        _device: &mut dyn Device,
+        _done: &mut VecDeque<IoCompletion>,
+    ) -> Result<(), ApplyError> {
+        todo!("catch-up apply")
+    }
+
+    pub fn finish_catch_up(
+        &mut self,
+        _through: u64,
+        _device: &mut dyn Device,
+        _done: &mut VecDeque<IoCompletion>,
+    ) {
+        todo!("catch-up apply")
     }
 
     /// The request that writes a note (or catch-up extent) received from a peer, after checking it.
@@ -969,6 +1009,15 @@ impl VolumeCopy {
         seq
     }
 
+    /// The watermark a block sealed now records: recovery commits every op up to it (once this block
+    /// and all before it are durable). Every op given out so far, but not above the commit limit: a
+    /// replication master commits an op only once its slave did, and its recovery must not bring
+    /// back an op the slave may not have (what is committed already stays so, whatever the limit).
+    fn commit_through(&self) -> u64 {
+        let last_op = self.next_op - 1;
+        last_op.min(self.commit_limit.max(self.committed_op))
+    }
+
     /// Seals the open block (header, checksum) and writes it.
     fn seal(&mut self, device: &mut dyn Device) {
         let Some(mut open) = self.open.take() else {
@@ -981,13 +1030,11 @@ impl VolumeCopy {
             self.live_from_seq
         );
         self.next_seq += 1;
-        let last_op = self.next_op - 1;
         let header = BlockHeader {
             volume_id: self.superblock.volume_id,
             seq,
             durable_before: self.durable_before,
-            // A single copy commits its notes as soon as they are durable.
-            commit_through: last_op,
+            commit_through: self.commit_through(),
             incarnation: self.incarnation,
             kind: open.kind,
             count: open.count as u16,

@@ -10,7 +10,7 @@ use std::os::fd::AsRawFd;
 use crate::io::device::UringDevice;
 use crate::io::uring::Uring;
 use crate::replication::hub::{CatchUpItem, ReplicaStore};
-use crate::replication::message::{ByteRange, NoteMessage};
+use crate::replication::message::NoteMessage;
 use crate::volume::{IoCompletion, ServingGate, Store, Volume};
 
 pub struct VolumeReplica<'a> {
@@ -81,19 +81,14 @@ impl ReplicaStore for VolumeReplica<'_> {
         self.with_copy(|copy, device, done| copy.discard_uncommitted(device, done));
     }
 
-    fn changed_since(&self, op: u64) -> Vec<ByteRange> {
-        match &self.volume.store {
-            Store::Persistent { copy, .. } => copy.changed_since(op),
-            _ => Vec::new(),
-        }
-    }
-
-    fn start_catch_up_source(&mut self, id: u64, base: u64, repair: &[ByteRange]) -> u64 {
-        self.with_copy(|copy, _, _| copy.start_catch_up_source(id, base, repair))
+    fn start_catch_up_source(&mut self, id: u64, base: u64) -> u64 {
+        self.with_copy(|copy, _, _| copy.start_catch_up_source(id, base))
     }
 
     fn poll_catch_up_source(&mut self, id: u64, out: &mut Vec<CatchUpItem>, budget_bytes: usize) {
-        self.with_copy(|copy, device, _| copy.poll_catch_up_source(id, out, budget_bytes, device));
+        self.with_copy(|copy, device, done| {
+            copy.poll_catch_up_source(id, out, budget_bytes, device, done)
+        });
     }
 
     fn stop_catch_up_source(&mut self, id: u64) {
@@ -101,11 +96,15 @@ impl ReplicaStore for VolumeReplica<'_> {
     }
 
     fn apply_catch_up_extent(&mut self, extent: NoteMessage) {
-        self.with_copy(|copy, device, done| copy.apply_catch_up_extent(extent, device, done));
+        self.with_copy(|copy, device, done| {
+            if let Err(error) = copy.apply_catch_up(extent, device, done) {
+                tracing::error!(%error, "cannot apply a catch-up extent");
+            }
+        });
     }
 
-    fn finish_catch_up(&mut self, through: u64, rewind: bool) {
-        self.with_copy(|copy, device, done| copy.finish_catch_up(through, rewind, device, done));
+    fn finish_catch_up(&mut self, through: u64) {
+        self.with_copy(|copy, device, done| copy.finish_catch_up(through, device, done));
     }
 
     fn set_serving(&mut self, writes: bool, reads: bool) {

@@ -720,7 +720,8 @@ struct Outstanding {
     effect: Option<Effect>,
     op: Option<u64>,
     committed_at_submission: u64,
-    acknowledged_at_submission: u64,
+    /// `guaranteed_op` when submitted (a flush makes what it covers survive power cuts).
+    guaranteed_at_submission: u64,
     /// Written with `apply_note` (as a replication slave does) rather than submitted: the op the note
     /// carried, which its completion's origin reports.
     applied: Option<u64>,
@@ -836,6 +837,10 @@ struct SimStats {
     discards_undone: u64,
     discards: u64,
     notes_applied: u64,
+    /// Acknowledged while a commit limit was (or had recently been) in force: not guaranteed to
+    /// survive a power cut; and how many power cuts did lose some.
+    acknowledged_under_limit: u64,
+    acknowledged_lost_under_limit: u64,
 }
 
 impl SimStats {
@@ -861,6 +866,8 @@ impl SimStats {
         self.discards_undone += other.discards_undone;
         self.discards += other.discards;
         self.notes_applied += other.notes_applied;
+        self.acknowledged_under_limit += other.acknowledged_under_limit;
+        self.acknowledged_lost_under_limit += other.acknowledged_lost_under_limit;
     }
 }
 
@@ -947,6 +954,18 @@ struct Simulation {
     /// The highest op number given out (ops above the last recovery's `W` are forgotten).
     numbered_op: u64,
     acknowledged_op: u64,
+    /// The highest acknowledged op a power cut must keep: acknowledged while the commit limit had
+    /// been `u64::MAX` since before it was numbered (then every journal block holding it records a
+    /// watermark at or above it). Ops acknowledged under a lower limit may be lost (the journal's
+    /// watermark is capped by the limit; a replication master relies on its slave for them).
+    guaranteed_op: u64,
+    /// Ops numbered after this, while the commit limit stays `u64::MAX`, are guaranteed once
+    /// acknowledged; `None` while the limit is lower.
+    limit_max_since: Option<u64>,
+    /// Bound on every watermark a journal block may record: the highest `min(last op given out,
+    /// max(commit limit, committed op))` seen while blocks could be sealed. Recovery must not go
+    /// above it (a master must not resurrect ops its slave may not have committed).
+    watermark_ceiling: u64,
     /// Every write acknowledged before a successful flush was submitted is at or below this.
     flushed_op: u64,
     errored_ops: BTreeSet<u64>,
@@ -1020,6 +1039,9 @@ impl Simulation {
             next_request: 1,
             numbered_op: 0,
             acknowledged_op: 0,
+            guaranteed_op: 0,
+            limit_max_since: Some(0),
+            watermark_ceiling: 0,
             flushed_op: 0,
             errored_ops: BTreeSet::new(),
             power_cut_at_step: None,
@@ -1284,7 +1306,7 @@ impl Simulation {
                 effect,
                 op: None,
                 committed_at_submission: stats.committed_op,
-                acknowledged_at_submission: self.acknowledged_op,
+                guaranteed_at_submission: self.guaranteed_op,
                 applied: None,
                 dropped: false,
             },
@@ -1315,6 +1337,7 @@ impl Simulation {
         let before = self.copy.stats();
         let completing = matches!(call, Call::Complete { .. });
         let discarding = matches!(call, Call::Discard);
+        let mut limit_during = self.commit_limit;
         match call {
             Call::Submit(request) => self.copy.submit(request, &mut self.device, &mut self.done),
             Call::Apply(note) => {
@@ -1325,7 +1348,13 @@ impl Simulation {
                 }
             }
             Call::SetCommitLimit(limit) => {
+                limit_during = limit_during.max(limit);
                 self.commit_limit = limit;
+                if limit != u64::MAX {
+                    self.limit_max_since = None;
+                } else if self.limit_max_since.is_none() {
+                    self.limit_max_since = Some(self.numbered_op);
+                }
                 self.copy
                     .set_commit_limit(limit, &mut self.device, &mut self.done);
             }
@@ -1427,6 +1456,11 @@ impl Simulation {
             self.numbered_op,
             after.next_op
         );
+        // Any block sealed during the call recorded at most this watermark.
+        let numbered_during = self.numbered_op.max(before.next_op - 1);
+        self.watermark_ceiling = self
+            .watermark_ceiling
+            .max(numbered_during.min(limit_during.max(after.committed_op)));
         for completion in completions {
             self.on_completion(completion, after.committed_op);
         }
@@ -1575,6 +1609,11 @@ impl Simulation {
                         "op {op} got an error, then an acknowledgement"
                     );
                     self.acknowledged_op = op;
+                    if self.limit_max_since.is_some_and(|since| op > since) {
+                        self.guaranteed_op = op;
+                    } else {
+                        self.stats.acknowledged_under_limit += 1;
+                    }
                     self.stats.acknowledged += 1;
                     // Its block is durable and of the incarnation after any discard: the notes the
                     // discard dropped are void for every later recovery.
@@ -1616,7 +1655,7 @@ impl Simulation {
                 self.stats.flushes += 1;
                 match completion.result {
                     Ok(_) => {
-                        self.flushed_op = self.flushed_op.max(request.acknowledged_at_submission)
+                        self.flushed_op = self.flushed_op.max(request.guaranteed_at_submission)
                     }
                     Err(error) => sim_assert!(
                         self,
@@ -1757,10 +1796,10 @@ impl Simulation {
             Err(_) => self.stats.corruptions_detected += 1,
             Ok(recovered) => {
                 let op = recovered.committed_op;
-                let verdict = if op < self.acknowledged_op && !in_durable_tail {
+                let verdict = if op < self.guaranteed_op && !in_durable_tail {
                     Err(format!(
                         "recovered only through op {op}, below acknowledged op {}",
-                        self.acknowledged_op
+                        self.guaranteed_op
                     ))
                 } else if op > self.numbered_op {
                     Err(format!(
@@ -1794,7 +1833,7 @@ impl Simulation {
                         header.seq
                     ));
                 }
-                if op < self.acknowledged_op {
+                if op < self.guaranteed_op {
                     self.stats.corruptions_in_durable_tail += 1;
                 } else {
                     self.stats.corruptions_harmless += 1;
@@ -1890,10 +1929,20 @@ impl Simulation {
         }
         sim_assert!(
             self,
-            op >= self.acknowledged_op,
-            "recovered through op {op}, but op {} was acknowledged",
-            self.acknowledged_op
+            op >= self.guaranteed_op,
+            "recovered through op {op}, but op {} was acknowledged (under no commit limit)",
+            self.guaranteed_op
         );
+        sim_assert!(
+            self,
+            op <= self.watermark_ceiling,
+            "recovered through op {op}, above every watermark a block could record ({}): the commit \
+             limit was not respected",
+            self.watermark_ceiling
+        );
+        if op < self.acknowledged_op {
+            self.stats.acknowledged_lost_under_limit += 1;
+        }
         sim_assert!(
             self,
             op >= self.flushed_op,
@@ -1966,6 +2015,9 @@ impl Simulation {
         self.unnumbered.clear();
         self.numbered_op = op;
         self.acknowledged_op = op;
+        self.guaranteed_op = op;
+        self.limit_max_since = Some(op);
+        self.watermark_ceiling = op;
         self.flushed_op = self.flushed_op.min(op);
         self.errored_ops.retain(|&errored| errored <= op);
         self.power_cut_at_step = None;
