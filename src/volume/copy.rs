@@ -108,7 +108,26 @@ struct Note {
     /// Journal seqs of the blocks holding its first and last record.
     first_seq: u64,
     last_seq: u64,
+    /// A catch-up note (`NOTE_FLAG_CATCH_UP`): its op may skip ahead, several may share one op.
+    catch_up: bool,
+    /// The first block whose header records this note's op as committed (`commit_through`); the note
+    /// commits only once it is durable. A host or applied note's own block; for a catch-up note,
+    /// the block of the first note after its op, `u64::MAX` until there is one (more items of its op
+    /// may come, and recovery must never stop in the middle of an op).
+    complete_seq: u64,
     failed: bool,
+}
+
+/// How an applied request (parked in `waiting`, or being started) gets its op.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Applied {
+    /// A note from the master: the next op.
+    Note,
+    /// A catch-up item: its own op (see `apply_catch_up`).
+    CatchUpItem,
+    /// A zero-length catch-up note that completes the open catch-up op and moves the watermark to
+    /// its op (see `finish_catch_up`).
+    CatchUpEnd,
 }
 
 struct SealedBlock {
@@ -164,6 +183,8 @@ pub struct CopyStats {
     pub syncs: u64,
     pub checkpoints: u64,
     pub data_bytes_written: u64,
+    /// Notes created (each took an op number, or shares its catch-up op).
+    pub notes_created: u64,
     pub journal_bytes_written: u64,
     pub free_bytes: u64,
 }
@@ -219,8 +240,14 @@ pub struct VolumeCopy {
     commit_limit: u64,
     /// Created notes for the replication link, in op order (`set_note_outbox`); `None`: not kept.
     outbox: Option<Vec<NoteMessage>>,
-    /// Applied notes parked in `waiting` (they take their op numbers when they start).
-    parked_applies: u64,
+    /// Applied requests parked in `waiting`, in order, with the op each takes when it starts.
+    parked: VecDeque<(u64, Applied)>,
+    /// The op of the newest note when it is a catch-up item whose op is not complete yet (more items
+    /// of that op may follow; see `Note::complete_seq`).
+    open_catch_up_op: Option<u64>,
+    /// Applied requests so far (wrapping): the `slot` of their origin, which tells the completions
+    /// of catch-up items of one op apart (for tests and traces).
+    applied_count: u16,
     /// Dropped notes whose data writes are still in flight: their space and buffers are released
     /// when the writes complete.
     discarded: Vec<Note>,
@@ -280,7 +307,9 @@ impl VolumeCopy {
             next_entry: 0,
             commit_limit: u64::MAX,
             outbox: None,
-            parked_applies: 0,
+            parked: VecDeque::new(),
+            open_catch_up_op: None,
+            applied_count: 0,
             discarded: Vec::new(),
             block_pool: Vec::new(),
             piece_pool: Vec::new(),
@@ -339,7 +368,17 @@ impl VolumeCopy {
 
     /// The op number the next note gets (for `apply_note`: the op it must carry).
     pub fn next_op(&self) -> u64 {
-        self.next_op + self.parked_applies
+        self.parked.back().map_or(self.next_op, |&(op, _)| op + 1)
+    }
+
+    /// The catch-up op a further item may still carry (the newest accepted item's, unless a later
+    /// note or a finish completed it, or the item was refused by a failed copy).
+    pub fn catch_up_op_open(&self) -> Option<u64> {
+        match self.parked.back() {
+            Some(&(op, Applied::CatchUpItem)) => Some(op),
+            Some(_) => None,
+            None => self.open_catch_up_op,
+        }
     }
 
     /// Replication master: notes with op > `through` are made durable as usual but not committed
@@ -394,16 +433,124 @@ impl VolumeCopy {
             });
         }
         let request = self.replication_request(&note)?;
+        self.end_open_catch_up_op(device, done);
+        self.start_applied(request, note.op, Applied::Note, device, done);
+        Ok(())
+    }
+
+    /// Before a note of a later op: a zero-length note that completes the open catch-up op, so that
+    /// it commits (and frees what it overwrote) without waiting for the later note to get data space.
+    fn end_open_catch_up_op(&mut self, device: &mut dyn Device, done: &mut VecDeque<IoCompletion>) {
+        if let Some(open) = self.catch_up_op_open() {
+            self.start_applied(
+                Self::jump_request(open),
+                open,
+                Applied::CatchUpEnd,
+                device,
+                done,
+            );
+        }
+    }
+
+    /// The request of a zero-length catch-up note with op `op`.
+    fn jump_request(op: u64) -> IoRequest {
+        IoRequest {
+            volume: 0,
+            kind: IoKind::Trim,
+            flags: IoFlags::empty(),
+            offset: 0,
+            length: 0,
+            buf: AlignedBuf::empty(),
+            origin: Origin::replication(op),
+        }
+    }
+
+    /// Returning peer: writes a catch-up item (`replication::message::CatchUpItem::Extent`) as a note
+    /// with its own op, which must be at least `next_op()` (the ops in between are not part of the
+    /// catch-up: the op sequence jumps) or the op of the previous item (an op whose range was sent
+    /// as several items: each is a note of that op). It commits like any note (durable, in op order,
+    /// within the commit limit), but an op only as a whole, once a later note is durable too: a
+    /// zero-length note of its op, which an item of a later op, an `apply_note` or a finish writes
+    /// first (one 64-byte journal record per op), so that no recovery stops in the middle of an op.
+    /// Every item of one op must fit the free data space at once (what they overwrite is freed when
+    /// the op commits): true of a source's items (an op spans at most its request, ≤ 32 MiB of
+    /// data). A host write while an op is open completes it too, once it starts (a catching-up peer
+    /// takes none). Refused, changing nothing, if out of order, out of range or inconsistent.
+    pub fn apply_catch_up(
+        &mut self,
+        item: NoteMessage,
+        device: &mut dyn Device,
+        done: &mut VecDeque<IoCompletion>,
+    ) -> Result<(), ApplyError> {
+        let expected = self.next_op();
+        if item.op < expected && self.catch_up_op_open() != Some(item.op) {
+            return Err(ApplyError::OutOfOrder {
+                expected,
+                got: item.op,
+            });
+        }
+        let request = self.replication_request(&item)?;
+        if self.catch_up_op_open().is_some_and(|open| item.op > open) {
+            self.end_open_catch_up_op(device, done);
+        }
+        self.start_applied(request, item.op, Applied::CatchUpItem, device, done);
+        Ok(())
+    }
+
+    /// Returning peer: every catch-up item through `through` was applied. If `through` is at least
+    /// `next_op()`, a zero-length catch-up note with op `through` (no data, no extent) moves the
+    /// watermark to `through` once durable; if an item's op is still open (`through` is its op), a
+    /// zero-length note of that op completes it. Otherwise nothing. `apply_note` then continues with
+    /// `next_op()` (`through + 1` after a jump).
+    pub fn finish_catch_up(
+        &mut self,
+        through: u64,
+        device: &mut dyn Device,
+        done: &mut VecDeque<IoCompletion>,
+    ) {
+        let op = if through >= self.next_op() {
+            through
+        } else if let Some(open) = self.catch_up_op_open() {
+            if open != through {
+                tracing::warn!(
+                    through,
+                    open,
+                    "catch-up finished below the op of its last item: completing that op"
+                );
+            }
+            open
+        } else {
+            return;
+        };
+        self.start_applied(
+            Self::jump_request(op),
+            op,
+            Applied::CatchUpEnd,
+            device,
+            done,
+        );
+    }
+
+    /// Starts an applied request with op `op`, or parks it behind what waits (`start` takes the op
+    /// from `parked`).
+    fn start_applied(
+        &mut self,
+        mut request: IoRequest,
+        op: u64,
+        applied: Applied,
+        device: &mut dyn Device,
+        done: &mut VecDeque<IoCompletion>,
+    ) {
+        request.origin.slot = self.applied_count;
+        self.applied_count = self.applied_count.wrapping_add(1);
+        self.parked.push_back((op, applied));
         if self.waiting.is_empty() {
-            match self.start(request, device, done) {
-                Ok(()) => return Ok(()),
-                Err(request) => self.waiting.push_back(request),
+            if let Err(request) = self.start(request, device, done) {
+                self.waiting.push_back(request);
             }
         } else {
             self.waiting.push_back(request);
         }
-        self.parked_applies += 1;
-        Ok(())
     }
 
     /// Catch-up source (master): not written yet.
@@ -424,24 +571,6 @@ impl VolumeCopy {
 
     pub fn stop_catch_up_source(&mut self, _id: u64) {
         todo!("catch-up source")
-    }
-
-    pub fn apply_catch_up(
-        &mut self,
-        _item: NoteMessage,
-        _device: &mut dyn Device,
-        _done: &mut VecDeque<IoCompletion>,
-    ) -> Result<(), ApplyError> {
-        todo!("catch-up apply")
-    }
-
-    pub fn finish_catch_up(
-        &mut self,
-        _through: u64,
-        _device: &mut dyn Device,
-        _done: &mut VecDeque<IoCompletion>,
-    ) {
-        todo!("catch-up apply")
     }
 
     /// The request that writes a note (or catch-up extent) received from a peer, after checking it.
@@ -521,7 +650,9 @@ impl VolumeCopy {
             }
         }
         self.waiting = kept;
-        self.parked_applies = 0;
+        self.parked.clear();
+        // An open catch-up op is uncommitted (it commits only once complete): dropped below.
+        self.open_catch_up_op = None;
         let dropped = self.notes.len();
         while let Some(note) = self.notes.pop_front() {
             debug_assert!(note.op > self.committed_op);
@@ -627,6 +758,9 @@ impl VolumeCopy {
             }
         }
         if let Some(error) = self.failed {
+            if request.origin.is_replication() {
+                self.parked.pop_front();
+            }
             done.push_back(IoCompletion {
                 origin: request.origin,
                 result: Err(error),
@@ -660,6 +794,9 @@ impl VolumeCopy {
         {
             self.piece_pool.push(pieces);
             if self.notes.is_empty() && self.limbo.is_empty() && self.discarded.is_empty() {
+                if request.origin.is_replication() {
+                    self.parked.pop_front();
+                }
                 done.push_back(IoCompletion {
                     origin: request.origin,
                     result: Err(VolumeError::NoSpace),
@@ -688,14 +825,35 @@ impl VolumeCopy {
             self.piece_pool.push(pieces);
             return Err(request);
         }
-        let op = self.next_op;
-        self.next_op += 1;
+        let (op, applied) = if request.origin.is_replication() {
+            self.parked
+                .pop_front()
+                .expect("an applied request is parked")
+        } else {
+            (self.next_op, Applied::Note)
+        };
+        let catch_up = applied != Applied::Note;
+        debug_assert!(
+            op == self.next_op
+                || catch_up && op > self.next_op
+                || catch_up && self.open_catch_up_op == Some(op),
+            "op {op} ({applied:?}) out of order: next op {}",
+            self.next_op
+        );
+        self.next_op = op + 1;
+        self.stats.notes_created += 1;
         if self.outbox.is_some() {
             self.note_created(op, &request);
         }
         let entry = self.next_entry;
         self.next_entry += 1;
         let first_seq = self.open_block_seq(BlockKind::Notes);
+        if let Some(open) = self.open_catch_up_op
+            && (op > open || applied == Applied::CatchUpEnd)
+        {
+            // This note's block is the first to record the open op as committed.
+            self.complete_catch_up_op(open, first_seq);
+        }
         let mut note = Note {
             entry,
             op,
@@ -705,8 +863,17 @@ impl VolumeCopy {
             data_pending: 0,
             first_seq,
             last_seq: first_seq,
+            catch_up,
+            complete_seq: if applied == Applied::CatchUpItem {
+                u64::MAX
+            } else {
+                first_seq
+            },
             failed: false,
         };
+        if applied == Applied::CatchUpItem {
+            self.open_catch_up_op = Some(op);
+        }
         let piece_count = note.pieces.len().max(1) as u16;
         if kind == NoteKind::Write {
             let mut position = 0usize;
@@ -735,6 +902,7 @@ impl VolumeCopy {
                     kind,
                     piece_index: index as u16,
                     piece_count,
+                    catch_up,
                 };
                 note.last_seq = self.append_note(&record, device);
                 // Zeros come from the shared zero buffer, in chunks of its size.
@@ -777,6 +945,7 @@ impl VolumeCopy {
                 kind,
                 piece_index: 0,
                 piece_count: 1,
+                catch_up,
             };
             note.last_seq = self.append_note(&record, device);
         }
@@ -785,6 +954,20 @@ impl VolumeCopy {
         note.request = Some(request);
         self.notes.push_back(note);
         Ok(())
+    }
+
+    /// The notes of catch-up op `op` (the newest notes) are all there: they commit once block
+    /// `complete_seq` is durable.
+    #[cold]
+    fn complete_catch_up_op(&mut self, op: u64, complete_seq: u64) {
+        self.open_catch_up_op = None;
+        for note in self.notes.iter_mut().rev() {
+            if note.op != op {
+                break;
+            }
+            debug_assert!(note.catch_up && note.complete_seq == u64::MAX);
+            note.complete_seq = complete_seq;
+        }
     }
 
     /// Copies a host note for the replication link (replicated masters only: not on the plain path).
@@ -1014,7 +1197,8 @@ impl VolumeCopy {
     /// replication master commits an op only once its slave did, and its recovery must not bring
     /// back an op the slave may not have (what is committed already stays so, whatever the limit).
     fn commit_through(&self) -> u64 {
-        let last_op = self.next_op - 1;
+        // An open catch-up op is not complete: more items of it may come.
+        let last_op = self.open_catch_up_op.map_or(self.next_op, |open| open) - 1;
         last_op.min(self.commit_limit.max(self.committed_op))
     }
 
@@ -1146,13 +1330,9 @@ impl VolumeCopy {
 
     fn retry_waiting(&mut self, device: &mut dyn Device, done: &mut VecDeque<IoCompletion>) {
         while let Some(request) = self.waiting.pop_front() {
-            let applied = request.origin.is_replication();
             if let Err(request) = self.start(request, device, done) {
                 self.waiting.push_front(request);
                 break;
-            }
-            if applied {
-                self.parked_applies -= 1;
             }
         }
         // Writes that could not start did not open a block; anything they appended is sealed next time.
@@ -1293,8 +1473,10 @@ impl VolumeCopy {
         }
         // Commit, strictly in op order.
         while let Some(note) = self.notes.front() {
-            let durable =
-                note.last_seq < self.durable_before && note.data_pending == 0 && !note.failed;
+            let durable = note.last_seq < self.durable_before
+                && note.complete_seq < self.durable_before
+                && note.data_pending == 0
+                && !note.failed;
             if let Some(error) = self.failed {
                 if note.data_pending > 0 {
                     break;
@@ -1318,11 +1500,16 @@ impl VolumeCopy {
             if !durable || note.op > self.commit_limit {
                 break;
             }
+            // A catch-up op commits as a whole, so that a checkpoint never holds part of it.
+            if note.catch_up && !self.catch_up_op_durable(note.op) {
+                break;
+            }
             let mut note = self.notes.pop_front().expect("front exists");
-            debug_assert_eq!(
+            debug_assert!(
+                note.op == self.committed_op + 1 || note.catch_up && note.op >= self.committed_op,
+                "commits go strictly in op order: op {} after {}",
                 note.op,
-                self.committed_op + 1,
-                "commits go strictly in op order"
+                self.committed_op
             );
             let request = note
                 .request
@@ -1342,6 +1529,8 @@ impl VolumeCopy {
                         position += piece.length;
                     }
                 }
+                // A zero-length catch-up note (a jump) has no extent.
+                NoteKind::Zero if request.length == 0 => {}
                 NoteKind::Zero => {
                     let extent = Extent {
                         offset: request.offset,
@@ -1372,6 +1561,20 @@ impl VolumeCopy {
             });
         }
         self.release_limbo();
+    }
+
+    /// Whether every note of catch-up op `op` (the first notes in the queue) can commit.
+    #[cold]
+    fn catch_up_op_durable(&self, op: u64) -> bool {
+        self.notes
+            .iter()
+            .take_while(|note| note.op == op)
+            .all(|note| {
+                note.last_seq < self.durable_before
+                    && note.complete_seq < self.durable_before
+                    && note.data_pending == 0
+                    && !note.failed
+            })
     }
 
     /// Frees overwritten space once every read that might still read it has finished.
