@@ -1,7 +1,8 @@
 //! A volume copy: one peer's durable storage of a volume, built of notes, op numbers and commits.
 //!
 //! Owns: the committed extent map (the readable state), the data-area allocator, the note log (journal
-//! blocks in flight, notes awaiting commit), checkpoints, and the reads in flight.
+//! blocks in flight, notes awaiting commit), checkpoints, the reads in flight, and the catch-up
+//! sources (snapshots being streamed to a returning peer, with their reads).
 //!
 //! Write path: a write gets data space and the next op number; its data goes to the new space and its
 //! note record into the journal block of this reactor iteration. When the block and the data are durable
@@ -10,9 +11,10 @@
 //! overwrites is freed once no read that could still be using it is in flight.
 //!
 //! Must never: make a note readable before it is durable, commit out of op order, acknowledge a write
-//! that failed or is not durable, reuse data space a committed extent or an in-flight read still uses
-//! (or before the block after its freeing commit is vouched for: see `vouched_before`), or overwrite
-//! journal blocks that recovery would still need.
+//! that failed or is not durable, reuse data space a committed extent, an in-flight read or a running
+//! catch-up source's snapshot still uses (or before the block after its freeing commit is vouched for:
+//! see `vouched_before`), overwrite journal blocks that recovery would still need, or commit (or let
+//! a journal watermark cover) part of a catch-up op.
 
 use std::collections::VecDeque;
 
@@ -60,6 +62,14 @@ const CHECKPOINT_BLOCKS_PER_ITERATION: usize = 16;
 const CHECKPOINT_SCAN_BYTES: u64 = 64 << 20;
 /// Source of the zeros written for write-zeroes with NO_HOLE (allocated on first use).
 const ZERO_BUFFER_BYTES: usize = 16 << 20;
+/// Largest catch-up item (the wire's limit on a note's data).
+const ITEM_BYTES_MAX: u64 = crate::replication::wire::NOTE_DATA_MAX as u64;
+/// Bytes of items a catch-up source reads ahead of what it has handed out (at least one item).
+const SOURCE_READ_AHEAD_BYTES: usize = 64 << 20;
+/// Device slots a catch-up source leaves to host IO.
+const SOURCE_SLOTS_SPARED: usize = DEVICE_OPS_MAX / 2;
+/// Items one poll hands out at most (zero items carry no data: the byte budget does not bound them).
+const SOURCE_ITEMS_PER_POLL_MAX: usize = 4096;
 /// Spare journal blocks kept beyond a checkpoint's needs.
 const JOURNAL_SPARE_BLOCKS: u64 = 8;
 
@@ -77,6 +87,11 @@ enum DeviceOp {
     },
     ReadPiece {
         read: u32,
+    },
+    /// A read of catch-up source `slot` for its planned item `item`.
+    SourceRead {
+        slot: u32,
+        item: u64,
     },
 }
 
@@ -174,6 +189,62 @@ struct CheckpointJob {
     phase: CheckpointPhase,
 }
 
+/// A catch-up source: a snapshot and the items planned from it (`start_catch_up_source`).
+struct CatchUpSource {
+    id: u64,
+    snapshot: ExtentMap,
+    /// `free_counter` when the snapshot was taken: space freed after it stays in limbo while the
+    /// source exists (the snapshot may still read it).
+    started_at: u64,
+    /// (op, offset, length) of every item, in the order they are sent.
+    plan: Vec<(u64, u64, u64)>,
+    /// The next planned item to read.
+    next: usize,
+    /// Items being read or read, in plan order (the front is planned item `next - items.len()`).
+    items: VecDeque<SourceItem>,
+    /// Bytes of `items`.
+    buffered: usize,
+    end_sent: bool,
+    /// Stopped with reads in flight: kept (buffers, limbo) until they are over.
+    stopped: bool,
+    failed: Option<VolumeError>,
+}
+
+struct SourceItem {
+    op: u64,
+    offset: u64,
+    length: u64,
+    /// The range's content; empty when the snapshot holds no data in it (it reads as zeros).
+    buf: AlignedBuf,
+    pending: u32,
+}
+
+impl SourceItem {
+    fn data_bytes(&self) -> usize {
+        self.buf.len()
+    }
+
+    /// A `Zero` item when the whole range reads as zeros, else a `Write` with its content.
+    fn into_message(self) -> NoteMessage {
+        let zeros = self.buf.as_slice().iter().all(|&byte| byte == 0);
+        NoteMessage {
+            op: self.op,
+            kind: if zeros {
+                replication::NoteKind::Zero
+            } else {
+                replication::NoteKind::Write
+            },
+            offset: self.offset,
+            length: self.length,
+            data: if zeros {
+                Vec::new()
+            } else {
+                self.buf.as_slice().to_vec()
+            },
+        }
+    }
+}
+
 /// Counters for tests, benchmarks and (later) metrics.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct CopyStats {
@@ -230,6 +301,8 @@ pub struct VolumeCopy {
     /// recovery will not check those ops' data checksums against whatever is written here next.
     limbo: VecDeque<(u64, u64, Piece)>,
     free_counter: u64,
+    /// Catch-up sources (slots reused); see `CatchUpSource`.
+    sources: Vec<Option<CatchUpSource>>,
     checkpoint: Option<CheckpointJob>,
     checkpoint_id: u64,
     failed: Option<VolumeError>,
@@ -301,6 +374,7 @@ impl VolumeCopy {
             free_reads: Vec::new(),
             limbo: VecDeque::new(),
             free_counter: 0,
+            sources: Vec::new(),
             checkpoint: None,
             checkpoint_id: recovered.checkpoint_id,
             failed: None,
@@ -553,24 +627,223 @@ impl VolumeCopy {
         }
     }
 
-    /// Catch-up source (master): not written yet.
-    pub fn start_catch_up_source(&mut self, _id: u64, _base: u64) -> u64 {
-        todo!("catch-up source")
+    /// Catch-up source (master): takes an O(1) snapshot of the committed map at the watermark `K`
+    /// (returned) and plans the items that bring a copy holding every op up to `base` to exactly
+    /// that snapshot: for each op after `base` that the snapshot still holds, in ascending op order,
+    /// one item covering its extents from the lowest offset to the highest end, with the snapshot's
+    /// content of that whole range (a later op's data in between is sent again by that op's item).
+    /// An op whose range exceeds `NOTE_DATA_MAX` is sent as one item per extent instead (extents
+    /// above it in chunks), all with its op. While the source runs, space its snapshot refers to is
+    /// not reused (`limbo`). Several sources may run at once; an `id` already running is replaced.
+    pub fn start_catch_up_source(&mut self, id: u64, base: u64) -> u64 {
+        self.stop_catch_up_source(id);
+        let snapshot = self.map.snapshot();
+        let mut extents = Vec::new();
+        snapshot.changed_since(base, &mut extents);
+        extents.sort_unstable_by_key(|extent| (extent.op, extent.offset));
+        let mut plan = Vec::new();
+        for group in extents.chunk_by(|a, b| a.op == b.op) {
+            let low = group[0].offset;
+            let high = group
+                .iter()
+                .map(Extent::end)
+                .max()
+                .expect("a group is not empty");
+            if high - low <= ITEM_BYTES_MAX {
+                plan.push((group[0].op, low, high - low));
+                continue;
+            }
+            for extent in group {
+                let mut offset = extent.offset;
+                while offset < extent.end() {
+                    let length = (extent.end() - offset).min(ITEM_BYTES_MAX);
+                    plan.push((extent.op, offset, length));
+                    offset += length;
+                }
+            }
+        }
+        tracing::info!(
+            id,
+            base,
+            through = self.committed_op,
+            items = plan.len(),
+            "catch-up source started"
+        );
+        let source = CatchUpSource {
+            id,
+            snapshot,
+            started_at: self.free_counter,
+            plan,
+            next: 0,
+            items: VecDeque::new(),
+            buffered: 0,
+            end_sent: false,
+            stopped: false,
+            failed: None,
+        };
+        match self.sources.iter().position(Option::is_none) {
+            Some(slot) => self.sources[slot] = Some(source),
+            None => self.sources.push(Some(source)),
+        }
+        self.committed_op
     }
 
+    /// Called once per reactor iteration for a running source: appends to `out`, in ascending op
+    /// order, the items whose reads have completed (about `budget_bytes` of data at most, but at
+    /// least one), then `CatchUpItem::End` once after the last; and starts reading ahead (reads go
+    /// through the device like host reads, bounded in bytes and device slots). A read error stops the
+    /// source: nothing more is produced (`catch_up_source_error`).
     pub fn poll_catch_up_source(
         &mut self,
-        _id: u64,
-        _out: &mut Vec<replication::CatchUpItem>,
-        _budget_bytes: usize,
-        _device: &mut dyn Device,
+        id: u64,
+        out: &mut Vec<replication::CatchUpItem>,
+        budget_bytes: usize,
+        device: &mut dyn Device,
         _done: &mut VecDeque<IoCompletion>,
     ) {
-        todo!("catch-up source")
+        let Some(slot) = self.source_slot(id) else {
+            return;
+        };
+        let source = self.sources[slot].as_mut().expect("live source");
+        let mut emitted = 0usize;
+        let mut count = 0usize;
+        while let Some(item) = source.items.front() {
+            if item.pending > 0
+                || source.failed.is_some()
+                || count >= SOURCE_ITEMS_PER_POLL_MAX
+                || (count > 0 && emitted + item.data_bytes() > budget_bytes)
+            {
+                break;
+            }
+            let item = source.items.pop_front().expect("front exists");
+            source.buffered -= item.length as usize;
+            emitted += item.data_bytes();
+            count += 1;
+            out.push(replication::CatchUpItem::Extent(item.into_message()));
+        }
+        if let Some(error) = source.failed {
+            if !source.end_sent {
+                tracing::error!(id, %error, "catch-up source failed: a read of the snapshot failed");
+                source.end_sent = true; // logged once; nothing more is produced
+            }
+            return;
+        }
+        if source.next == source.plan.len() && source.items.is_empty() && !source.end_sent {
+            out.push(replication::CatchUpItem::End);
+            // Done: nothing in flight; the snapshot and the space it held are released now.
+            self.sources[slot] = None;
+            self.release_limbo();
+            return;
+        }
+        self.read_ahead(slot, device);
     }
 
-    pub fn stop_catch_up_source(&mut self, _id: u64) {
-        todo!("catch-up source")
+    /// The error that stopped a source, if any.
+    pub fn catch_up_source_error(&self, id: u64) -> Option<VolumeError> {
+        self.source_slot(id)
+            .and_then(|slot| self.sources[slot].as_ref())
+            .and_then(|source| source.failed)
+    }
+
+    /// Ends a source (finished or not): its snapshot is released once its reads in flight are over,
+    /// and with it the space only the snapshot still referred to.
+    pub fn stop_catch_up_source(&mut self, id: u64) {
+        let Some(slot) = self.source_slot(id) else {
+            return;
+        };
+        let source = self.sources[slot].as_mut().expect("live source");
+        source.stopped = true;
+        source.plan = Vec::new();
+        if source.items.iter().all(|item| item.pending == 0) {
+            self.sources[slot] = None;
+        }
+        self.release_limbo();
+    }
+
+    fn source_slot(&self, id: u64) -> Option<usize> {
+        self.sources.iter().position(|source| {
+            source
+                .as_ref()
+                .is_some_and(|source| source.id == id && !source.stopped)
+        })
+    }
+
+    /// Starts the reads of the next planned items while the source's read-ahead and the device
+    /// slots spared for host IO allow.
+    fn read_ahead(&mut self, slot: usize, device: &mut dyn Device) {
+        let mut mappings = Vec::new();
+        loop {
+            let source = self.sources[slot].as_mut().expect("live source");
+            let Some(&(op, offset, length)) = source.plan.get(source.next) else {
+                return;
+            };
+            if source.buffered > 0 && source.buffered + length as usize > SOURCE_READ_AHEAD_BYTES {
+                return;
+            }
+            mappings.clear();
+            source.snapshot.lookup(offset, length, &mut mappings);
+            mappings.retain(|mapping| {
+                matches!(
+                    mapping,
+                    Mapping::Mapped(Extent {
+                        location: Location::Data(_),
+                        ..
+                    })
+                )
+            });
+            if self.free_tags.len() < SOURCE_SLOTS_SPARED + mappings.len() {
+                return; // resumed on a later poll
+            }
+            let mut item = SourceItem {
+                op,
+                offset,
+                length,
+                buf: AlignedBuf::empty(),
+                pending: 0,
+            };
+            if !mappings.is_empty() {
+                // Holes and zero extents read as the zeros the buffer starts with.
+                item.buf = AlignedBuf::with_capacity(length as usize);
+                item.buf.set_len(length as usize);
+                item.buf.as_mut_slice().fill(0);
+            }
+            let plan_index = source.next as u64;
+            source.next += 1;
+            source.buffered += length as usize;
+            source.items.push_back(item);
+            let item = source.items.back_mut().expect("just pushed");
+            let mut reads = Vec::with_capacity(mappings.len());
+            for mapping in &mappings {
+                let Mapping::Mapped(Extent {
+                    offset: piece_offset,
+                    length: piece_length,
+                    location: Location::Data(address),
+                    ..
+                }) = *mapping
+                else {
+                    unreachable!("only data mappings are kept");
+                };
+                let start = (piece_offset - offset) as usize;
+                let data =
+                    item.buf.as_mut_slice()[start..start + piece_length as usize].as_mut_ptr();
+                item.pending += 1;
+                reads.push(Submission::Read {
+                    address: self.superblock.data_offset + address,
+                    data,
+                    length: piece_length as usize,
+                });
+            }
+            for submission in reads {
+                self.issue(
+                    DeviceOp::SourceRead {
+                        slot: slot as u32,
+                        item: plan_index,
+                    },
+                    submission,
+                    device,
+                );
+            }
+        }
     }
 
     /// The request that writes a note (or catch-up extent) received from a peer, after checking it.
@@ -1279,7 +1552,8 @@ impl VolumeCopy {
                 length,
             } => {
                 // SAFETY: read targets are slices of a read job's request buffer, kept in `reads` until
-                // every piece has completed.
+                // every piece has completed, or of a catch-up source item's buffer, kept in `sources`
+                // (even once stopped) until its reads have completed; heap memory that does not move.
                 unsafe { device.read(tag, address, data, length) }
             }
             Submission::Sync => device.sync(tag),
@@ -1400,6 +1674,20 @@ impl VolumeCopy {
                 match error {
                     Some(error) => self.fail(error),
                     None => self.durable_before = self.durable_before.max(covers_before),
+                }
+            }
+            DeviceOp::SourceRead { slot, item } => {
+                let source = self.sources[slot as usize]
+                    .as_mut()
+                    .expect("a source with reads in flight");
+                let front = (source.next - source.items.len()) as u64;
+                let entry = &mut source.items[(item - front) as usize];
+                entry.pending -= 1;
+                if let Some(error) = error {
+                    source.failed.get_or_insert(error);
+                }
+                if source.stopped && source.items.iter().all(|item| item.pending == 0) {
+                    self.sources[slot as usize] = None;
                 }
             }
             DeviceOp::ReadPiece { read } => {
@@ -1584,6 +1872,12 @@ impl VolumeCopy {
             .iter()
             .flatten()
             .map(|job| job.started_at)
+            .chain(
+                self.sources
+                    .iter()
+                    .flatten()
+                    .map(|source| source.started_at),
+            )
             .min()
             .unwrap_or(u64::MAX);
         while let Some(&(freed_at, vouching_seq, piece)) = self.limbo.front() {

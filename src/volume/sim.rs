@@ -84,6 +84,11 @@
 //!   (ending an op, jumps) are requests of their own in the model. Every check above applies: reads
 //!   and recoveries must show the state after a whole op (never part of one), acknowledgements come in
 //!   op order (skips and repeats allowed only for catch-up), power cuts land anywhere in an episode.
+//! - Catch-up sources (replication seeds): up to two at once, from a random base at or below the
+//!   watermark, polled with random budgets while host writes, commits, discards and checkpoints go on;
+//!   items are checked (op order, op range, kind, data length) and applied to the model's state at
+//!   the base, which at `End` must equal the model's state at the snapshot's op, sector by sector. The
+//!   device refuses a write that overlaps a source's read in flight (space of the snapshot reused).
 //!
 //! Bugs this found are listed with their seeds in `simulated_power_cuts_regressions`.
 
@@ -727,6 +732,18 @@ struct Undiscarded {
     discards: u64,
 }
 
+/// A catch-up source running on the copy, with the reference it must reproduce.
+struct SimSource {
+    id: u64,
+    base: u64,
+    through: u64,
+    /// Per sector: the model's state after op `through`, and the state after op `base` with every
+    /// item received so far applied in order (equal once `End` came).
+    expected: Vec<Observed>,
+    state: Vec<Observed>,
+    last_op: u64,
+}
+
 /// A host request the copy has not completed yet.
 #[derive(Debug)]
 struct Outstanding {
@@ -863,6 +880,12 @@ struct SimStats {
     catch_up_same_op: u64,
     catch_up_ops_skipped: u64,
     catch_up_finishes: u64,
+    sources_started: u64,
+    /// Sources that sent `End` and reproduced their snapshot exactly; stopped ones (at random or
+    /// after a read error); items checked.
+    sources_verified: u64,
+    sources_stopped: u64,
+    source_items: u64,
     /// Acknowledged while a commit limit was (or had recently been) in force: not guaranteed to
     /// survive a power cut; and how many power cuts did lose some.
     acknowledged_under_limit: u64,
@@ -896,6 +919,10 @@ impl SimStats {
         self.catch_up_same_op += other.catch_up_same_op;
         self.catch_up_ops_skipped += other.catch_up_ops_skipped;
         self.catch_up_finishes += other.catch_up_finishes;
+        self.sources_started += other.sources_started;
+        self.sources_verified += other.sources_verified;
+        self.sources_stopped += other.sources_stopped;
+        self.source_items += other.source_items;
         self.acknowledged_under_limit += other.acknowledged_under_limit;
         self.acknowledged_lost_under_limit += other.acknowledged_lost_under_limit;
     }
@@ -1025,6 +1052,8 @@ struct Simulation {
     open_item: Option<u64>,
     /// Bytes of the items of `open_item`'s op.
     open_item_bytes: u64,
+    sources: Vec<SimSource>,
+    next_source_id: u64,
     stats: SimStats,
     /// Prints what happens (`FERROBLOCK_SIM_TRACE=1`, with `FERROBLOCK_SIM_SEED`).
     trace: bool,
@@ -1098,6 +1127,8 @@ impl Simulation {
             applied_count: 0,
             open_item: None,
             open_item_bytes: 0,
+            sources: Vec::new(),
+            next_source_id: 1,
             stats: SimStats {
                 seeds: 1,
                 ..SimStats::default()
@@ -1189,6 +1220,9 @@ impl Simulation {
                 {
                     self.call(Call::Discard);
                 }
+            }
+            if self.replication {
+                self.step_sources();
             }
             self.call(Call::EndIteration);
             let cut_due = self.power_cut_at_step.is_some_and(|at| step >= at);
@@ -1302,6 +1336,146 @@ impl Simulation {
             self.copy.next_op()
         );
         next
+    }
+
+    /// Catch-up sources: started now and then (at most two at once) from a random base at or below
+    /// the watermark, polled every iteration with a random budget, stopped at random; each item is
+    /// checked (op order, op in `(base, through]`, kind and data length) and applied to the model's
+    /// state at `base`; at `End` that state must be exactly the model's state at `through`, the
+    /// source's snapshot, although host writes and commits went on meanwhile (so the space the
+    /// snapshot refers to was not reused: the device also checks that no write overlaps a read).
+    fn step_sources(&mut self) {
+        let sectors = self.superblock.volume_size / SECTOR;
+        if self.sources.len() < 2 && self.replication_rng.chance(1, 40) {
+            let committed = self.copy.committed_op();
+            let base = match self.replication_rng.below(4) {
+                0 => 0,
+                1 => committed,
+                _ => committed.saturating_sub(self.replication_rng.below(40)),
+            };
+            let id = self.next_source_id;
+            self.next_source_id += 1;
+            let through = self.copy.start_catch_up_source(id, base);
+            sim_assert!(
+                self,
+                through == committed,
+                "source snapshot at {through}, watermark {committed}"
+            );
+            let state_at = |op: u64| -> Vec<Observed> {
+                (0..sectors)
+                    .map(|sector| self.model.value_at(sector, op).reads_as())
+                    .collect()
+            };
+            let source = SimSource {
+                id,
+                base,
+                through,
+                expected: state_at(through),
+                state: state_at(base),
+                last_op: base,
+            };
+            self.sources.push(source);
+            self.stats.sources_started += 1;
+        }
+        let mut index = 0;
+        while index < self.sources.len() {
+            let id = self.sources[index].id;
+            if self.copy.catch_up_source_error(id).is_some() || self.replication_rng.chance(1, 300)
+            {
+                self.copy.stop_catch_up_source(id);
+                self.sources.remove(index);
+                self.stats.sources_stopped += 1;
+                continue;
+            }
+            let budget = self.replication_rng.pick(&[512, 8192, 1 << 20]) as usize;
+            let mut out = Vec::new();
+            self.copy
+                .poll_catch_up_source(id, &mut out, budget, &mut self.device, &mut self.done);
+            if let Some(violation) = self.device.violation.take() {
+                self.fail(format!("device contract: {violation}"));
+            }
+            sim_assert!(
+                self,
+                self.done.is_empty(),
+                "a source poll completed host requests"
+            );
+            let mut ended = false;
+            for item in out {
+                sim_assert!(self, !ended, "source {id}: an item after End");
+                match item {
+                    replication::CatchUpItem::Extent(note) => {
+                        self.stats.source_items += 1;
+                        self.check_source_item(index, &note);
+                    }
+                    replication::CatchUpItem::End => {
+                        ended = true;
+                        let source = &self.sources[index];
+                        if let Some(sector) = (0..sectors as usize)
+                            .find(|&sector| source.state[sector] != source.expected[sector])
+                        {
+                            self.fail(format!(
+                                "source {id} (base {}, through {}): after its items sector {sector} \
+                                 reads {:?}, the snapshot has {:?}",
+                                source.base, source.through, source.state[sector], source.expected[sector]
+                            ));
+                        }
+                    }
+                }
+            }
+            if ended {
+                self.sources.remove(index);
+                self.stats.sources_verified += 1;
+            } else {
+                index += 1;
+            }
+        }
+    }
+
+    fn check_source_item(&mut self, index: usize, note: &NoteMessage) {
+        let source = &self.sources[index];
+        let volume = self.superblock.volume_size;
+        let well_formed = note.op > source.base
+            && note.op <= source.through
+            && note.op >= source.last_op
+            && note.length > 0
+            && note.length <= crate::replication::wire::NOTE_DATA_MAX as u64
+            && note.offset.is_multiple_of(SECTOR)
+            && note.length.is_multiple_of(SECTOR)
+            && note.offset + note.length <= volume
+            && match note.kind {
+                replication::NoteKind::Write => note.data.len() as u64 == note.length,
+                replication::NoteKind::Zero => note.data.is_empty(),
+                replication::NoteKind::Trim => false,
+            };
+        if !well_formed {
+            self.fail(format!(
+                "source {} (base {}, through {}, last op {}): bad item op {} {:?} {}+{} with {} data \
+                 bytes",
+                source.id,
+                source.base,
+                source.through,
+                source.last_op,
+                note.op,
+                note.kind,
+                note.offset,
+                note.length,
+                note.data.len()
+            ));
+        }
+        let seed = self.seed;
+        let source = &mut self.sources[index];
+        source.last_op = note.op;
+        let first = note.offset / SECTOR;
+        for index in 0..note.length / SECTOR {
+            let sector = first + index;
+            source.state[sector as usize] = match note.kind {
+                replication::NoteKind::Write => {
+                    let at = (index * SECTOR) as usize;
+                    observe(seed, sector, &note.data[at..at + SECTOR_BYTES])
+                }
+                _ => Observed::Zeros,
+            };
+        }
     }
 
     /// The open catch-up op as the copy sees it (an item a failed copy refused opened none).
@@ -2234,6 +2408,7 @@ impl Simulation {
         self.catching_up = false;
         self.open_item = None;
         self.applied_count = 0;
+        self.sources.clear();
         if self.replication {
             self.copy.set_note_outbox(true);
         }
@@ -2247,6 +2422,10 @@ impl Simulation {
 
     /// Liveness: with no new requests, every outstanding request completes.
     fn drain(&mut self) {
+        // Running sources hold space in limbo: end them (nothing else does at the end).
+        for source in std::mem::take(&mut self.sources) {
+            self.copy.stop_catch_up_source(source.id);
+        }
         if self.commit_limit != u64::MAX {
             self.call(Call::SetCommitLimit(u64::MAX));
         }
@@ -2862,4 +3041,121 @@ fn catch_up_apply_in_small() {
         .map(|extent| (extent.offset, extent.op))
         .collect();
     assert_eq!(ops, vec![(0, 5), (4096, 9), (8192, 5), (12288, 13)]);
+}
+
+/// Catch-up source in small: one item per op over its extents' span (with a later op's data in
+/// between), zero ranges as `Zero`, a base that leaves out earlier ops, an op spanning more than
+/// `NOTE_DATA_MAX` sent per extent, and `End`.
+#[test]
+fn catch_up_source_in_small() {
+    const MIB: u64 = 1 << 20;
+    let superblock = Superblock {
+        volume_id: 7,
+        name: "source".to_owned(),
+        volume_size: 48 * MIB,
+        journal_offset: JOURNAL_BLOCK_BYTES as u64,
+        journal_bytes: 64 * JOURNAL_BLOCK_BYTES as u64,
+        data_offset: 65 * JOURNAL_BLOCK_BYTES as u64,
+        data_bytes: 128 << 10,
+    };
+    let mut device = SimDevice::new(
+        vec![0u8; superblock.store_bytes() as usize],
+        superblock.journal_offset,
+        64,
+        Rng::new(3),
+    );
+    let mut copy = VolumeCopy::new(
+        superblock.clone(),
+        Recovered::empty(),
+        Allocator::new(superblock.data_bytes),
+        Durability::Dsync,
+    );
+    let mut done = VecDeque::new();
+    let settle =
+        |copy: &mut VolumeCopy, device: &mut SimDevice, done: &mut VecDeque<IoCompletion>| {
+            for _ in 0..8 {
+                copy.end_iteration(device, done);
+                while let Some((tag, result)) = device.complete_random() {
+                    copy.complete(tag, result, device, done);
+                }
+            }
+        };
+    let request = |kind: IoKind, offset: u64, length: u32, byte: u8| {
+        let mut buf = AlignedBuf::empty();
+        if kind == IoKind::Write {
+            buf = AlignedBuf::with_capacity(length as usize);
+            buf.set_len(length as usize);
+            buf.as_mut_slice().fill(byte);
+        }
+        IoRequest {
+            volume: 0,
+            kind,
+            flags: IoFlags::empty(),
+            offset,
+            length,
+            buf,
+            origin: origin_of(u64::from(byte)),
+        }
+    };
+    for (kind, offset, length, byte) in [
+        (IoKind::Write, 0, 4096, 1),                 // op 1: [0, 4096)
+        (IoKind::Write, 1024, 1024, 2),              // op 2: splits op 1
+        (IoKind::Trim, 8192, 4096, 3),               // op 3: zeros
+        (IoKind::Trim, 8 * MIB, 40 * MIB as u32, 4), // op 4: 40 MiB of zeros
+        (IoKind::Write, 20 * MIB, 4096, 5),          // op 5: splits op 4
+    ] {
+        copy.submit(request(kind, offset, length, byte), &mut device, &mut done);
+        settle(&mut copy, &mut device, &mut done);
+    }
+    assert_eq!(copy.committed_op(), 5);
+    let collect = |copy: &mut VolumeCopy,
+                   device: &mut SimDevice,
+                   done: &mut VecDeque<IoCompletion>,
+                   id: u64| {
+        let mut items = Vec::new();
+        for _ in 0..16 {
+            copy.poll_catch_up_source(id, &mut items, 1, device, done);
+            settle(copy, device, done);
+        }
+        items
+    };
+    assert_eq!(copy.start_catch_up_source(1, 0), 5);
+    // Host writes go on while the source runs: op 6 overwrites op 1's data, not the snapshot.
+    copy.submit(request(IoKind::Write, 0, 4096, 6), &mut device, &mut done);
+    let items = collect(&mut copy, &mut device, &mut done, 1);
+    let mut op1 = vec![1u8; 4096];
+    op1[1024..2048].fill(2);
+    let extent = |op, kind, offset, length, data: Vec<u8>| {
+        replication::CatchUpItem::Extent(NoteMessage {
+            op,
+            kind,
+            offset,
+            length,
+            data,
+        })
+    };
+    let (write, zero) = (replication::NoteKind::Write, replication::NoteKind::Zero);
+    assert_eq!(
+        items,
+        vec![
+            extent(1, write, 0, 4096, op1),
+            extent(2, write, 1024, 1024, vec![2; 1024]),
+            extent(3, zero, 8192, 4096, vec![]),
+            extent(4, zero, 8 * MIB, 12 * MIB, vec![]),
+            extent(4, zero, 20 * MIB + 4096, 28 * MIB - 4096, vec![]),
+            extent(5, write, 20 * MIB, 4096, vec![5; 4096]),
+            replication::CatchUpItem::End,
+        ]
+    );
+    // From base 4: op 5 and op 6 (committed since).
+    assert_eq!(copy.start_catch_up_source(2, 4), 6);
+    let items = collect(&mut copy, &mut device, &mut done, 2);
+    assert_eq!(
+        items,
+        vec![
+            extent(5, write, 20 * MIB, 4096, vec![5; 4096]),
+            extent(6, write, 0, 4096, vec![6; 4096]),
+            replication::CatchUpItem::End,
+        ]
+    );
 }
