@@ -270,7 +270,7 @@ pub fn serve_node(
     node_id: &str,
     config: ServeConfig,
 ) -> Result<(), ServeError> {
-    use crate::cluster::authority::FileAuthority;
+    use crate::cluster::authority::{Authority, FileAuthority};
     use crate::replication::hub::{HubSettings, ReplicatedVolume, ReplicationHub};
     use crate::replication::peer::Timing;
 
@@ -306,6 +306,24 @@ pub fn serve_node(
             config.preallocate,
         )?;
         let size_bytes = opened.copy.superblock().volume_size;
+        let marker = node
+            .data_dir
+            .join(format!("{}.catching-up", volume_config.name));
+        if opened.created {
+            // A new, empty store is whole only while the volume is too (the authority's first
+            // epoch, before anything was written): otherwise it must be caught up before it may act
+            // as an in-sync slave (e.g. a node whose store an operator removed to reprovision it).
+            let first_epoch = FileAuthority::open(&settings.authority)
+                .ok()
+                .and_then(|authority| authority.read(&volume_config.name).ok().flatten())
+                .is_none_or(|membership| membership.epoch <= 1);
+            if !first_epoch {
+                std::fs::write(&marker, b"").map_err(|source| ServeError::DataDir {
+                    path: marker.clone(),
+                    source,
+                })?;
+            }
+        }
         let mut copy = Box::new(opened.copy);
         // The master streams every note it creates to its slave.
         copy.set_note_outbox(true);
@@ -349,6 +367,7 @@ pub fn serve_node(
             Some((board.clone(), index)),
         );
         replica.offered = Some(export.offered.clone());
+        replica.incomplete_marker = Some(marker);
         replicated.push(replica);
         export_list.push(export);
     }

@@ -330,6 +330,9 @@ impl Proxy {
                 let Ok(server) = TcpStream::connect(&target) else {
                     continue;
                 };
+                // As the peers do: small frames must not wait for Nagle.
+                let _ = client.set_nodelay(true);
+                let _ = server.set_nodelay(true);
                 for (mut from, mut to) in [
                     (client.try_clone().unwrap(), server.try_clone().unwrap()),
                     (server, client),

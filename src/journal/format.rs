@@ -13,7 +13,9 @@
 //! `resume_op`: the commit watermark the writer's incarnation recovered to. Notes with a larger op in
 //! blocks of earlier incarnations were dropped by that recovery and are void from then on.
 //! `durable_before`: every block with a smaller seq was durable when this one was written.
-//! `commit_through`: every op up to it is committed once this block and all before it are durable.
+//! `commit_through`: every op up to it is committed once this block and all before it are durable
+//! (the writer's last op, capped by its commit limit: a replication master commits only what its
+//! slave committed, so its recovery must not go further).
 
 pub const JOURNAL_BLOCK_BYTES: usize = 4096;
 pub const BLOCK_HEADER_BYTES: usize = 64;
@@ -56,6 +58,12 @@ pub enum NoteKind {
     Zero = 2,
 }
 
+/// Flag bit of a note record (byte 45): a catch-up record. Its op may skip ahead of the watermark
+/// (the ops in between are not part of the catch-up), several notes may carry the same op (one
+/// catch-up op, complete only when a record of a later op follows), and a zero-length `Zero` record
+/// (no extent) only moves the watermark.
+pub const NOTE_FLAG_CATCH_UP: u8 = 1;
+
 /// One piece of a note: a write whose data landed in several places has one record per place.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct NoteRecord {
@@ -70,6 +78,8 @@ pub struct NoteRecord {
     pub kind: NoteKind,
     pub piece_index: u16,
     pub piece_count: u16,
+    /// Written by catch-up (`NOTE_FLAG_CATCH_UP`).
+    pub catch_up: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -198,7 +208,7 @@ pub fn put_note(block: &mut [u8], index: usize, note: &NoteRecord) {
     put_u64(record, 32, note.location);
     put_u32(record, 40, note.data_crc);
     record[44] = note.kind as u8;
-    record[45] = 0;
+    record[45] = if note.catch_up { NOTE_FLAG_CATCH_UP } else { 0 };
     put_u16(record, 46, note.piece_index);
     put_u16(record, 48, note.piece_count);
     record[50..].fill(0);
@@ -214,6 +224,9 @@ pub fn get_note(block: &[u8], index: usize) -> Option<NoteRecord> {
         2 => NoteKind::Zero,
         _ => return None,
     };
+    if record[45] & !NOTE_FLAG_CATCH_UP != 0 {
+        return None;
+    }
     let note = NoteRecord {
         op: get_u64(record, 0),
         epoch: get_u64(record, 8),
@@ -224,9 +237,11 @@ pub fn get_note(block: &[u8], index: usize) -> Option<NoteRecord> {
         kind,
         piece_index: get_u16(record, 46),
         piece_count: get_u16(record, 48),
+        catch_up: record[45] & NOTE_FLAG_CATCH_UP != 0,
     };
+    // Only a catch-up jump has no extent: a zero-length `Zero` record.
     let sane = note.op > 0
-        && note.length > 0
+        && (note.length > 0 || note.catch_up && note.kind == NoteKind::Zero)
         && note.offset.is_multiple_of(512)
         && note.length.is_multiple_of(512)
         && note.piece_index < note.piece_count
@@ -313,6 +328,7 @@ mod tests {
             kind: NoteKind::Write,
             piece_index: 0,
             piece_count: 1,
+            catch_up: false,
         };
         put_note(&mut block, 0, &note);
         seal_block(&mut block, &header(BlockKind::Notes, 1));
@@ -339,6 +355,7 @@ mod tests {
             kind: NoteKind::Write,
             piece_index: 0,
             piece_count: 1,
+            catch_up: false,
         };
         put_note(&mut block, 0, &note);
         assert_eq!(get_note(&block, 0), None, "misaligned offset");
@@ -346,6 +363,19 @@ mod tests {
         note.location = LOCATION_ZERO;
         put_note(&mut block, 0, &note);
         assert_eq!(get_note(&block, 0), None, "a write without a location");
+        note.kind = NoteKind::Zero;
+        note.length = 0;
+        put_note(&mut block, 0, &note);
+        assert_eq!(get_note(&block, 0), None, "zero length, not catch-up");
+        note.catch_up = true;
+        put_note(&mut block, 0, &note);
+        assert_eq!(get_note(&block, 0), Some(note), "a catch-up jump");
+        note.kind = NoteKind::Write;
+        note.location = 0;
+        put_note(&mut block, 0, &note);
+        assert_eq!(get_note(&block, 0), None, "a zero-length write");
+        block[BLOCK_HEADER_BYTES + 45] = 0x82;
+        assert_eq!(get_note(&block, 0), None, "unknown flag bits");
     }
 
     #[test]

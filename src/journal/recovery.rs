@@ -312,10 +312,26 @@ pub fn recover(
 
     let mut committed_op = base_op;
     let mut notes_dropped = 0u64;
-    let mut pending: Vec<(NoteRecord, u64)> = Vec::new(); // pieces of the op being assembled, with block seq
+    // The op being assembled, with the block seq of each record: a host or applied note is one
+    // record per data piece; a catch-up op is one or more notes of that op, complete only when a
+    // record of another op follows (or the log ends: its op is then committed only if a header
+    // recorded it, which the writer does only once the op is complete).
+    let mut unit: Vec<(NoteRecord, u64)> = Vec::new();
+    // Records of the unit's last note seen so far.
+    let mut note_pieces = 0usize;
     let mut stopped = false;
-    let mut freed = Vec::new();
+    // The op whose records stopped the replay (above the watermark, or damaged): no op between the
+    // last one replayed and it is in the log (catch-up skips ops).
+    let mut stopped_at: Option<u64> = None;
     let mut data = Vec::new();
+    let mut replay = Replay {
+        superblock,
+        commit_through,
+        durable_before,
+        map: &mut map,
+        freed: Vec::new(),
+        data: &mut data,
+    };
     for seq in start_seq..end_seq {
         if summaries[slot_of(seq)].is_some_and(|summary| summary.header.kind != BlockKind::Notes) {
             continue;
@@ -337,11 +353,54 @@ pub fn recover(
                 notes_dropped += 1;
                 continue;
             }
-            if note.op != committed_op + 1 || usize::from(note.piece_index) != pending.len() {
-                return Err(RecoveryError::Malformed {
-                    seq,
-                    reason: "notes out of op order",
-                });
+            let out_of_order = RecoveryError::Malformed {
+                seq,
+                reason: "notes out of op order",
+            };
+            let in_note = unit
+                .last()
+                .is_some_and(|(last, _)| note_pieces < usize::from(last.piece_count));
+            if in_note {
+                let (last, _) = unit.last().expect("in a note");
+                if note.op != last.op
+                    || note.catch_up != last.catch_up
+                    || note.piece_count != last.piece_count
+                    || usize::from(note.piece_index) != note_pieces
+                {
+                    return Err(out_of_order);
+                }
+            } else if unit
+                .first()
+                .is_some_and(|(first, _)| first.catch_up && note.catch_up && note.op == first.op)
+            {
+                // Another note of the same catch-up op.
+                if note.piece_index != 0 {
+                    return Err(out_of_order);
+                }
+                note_pieces = 0;
+            } else {
+                // Another op: the one assembled (a catch-up op) is complete.
+                if !unit.is_empty() {
+                    match replay.commit(&mut unit, &mut read)? {
+                        Some(op) => committed_op = op,
+                        None => {
+                            stopped = true;
+                            stopped_at = unit.first().map(|(first, _)| first.op);
+                            notes_dropped += 1;
+                            continue;
+                        }
+                    }
+                }
+                // Only catch-up skips ops: the ops in between are not part of this copy's history.
+                let in_order = if note.catch_up {
+                    note.op > committed_op
+                } else {
+                    note.op == committed_op + 1
+                };
+                if !in_order || note.piece_index != 0 {
+                    return Err(out_of_order);
+                }
+                note_pieces = 0;
             }
             let in_volume = note
                 .offset
@@ -358,50 +417,33 @@ pub fn recover(
                     reason: "note out of range",
                 });
             }
-            pending.push((note, seq));
-            if pending.len() < usize::from(note.piece_count) {
-                continue;
-            }
-            // The op is complete in the journal. Committed? Is its data intact?
-            let op = note.op;
-            let committed = op <= commit_through;
-            let known_durable = pending.iter().all(|(_, seq)| *seq < durable_before);
-            let mut intact = true;
-            if committed && !known_durable {
-                for (piece, _) in &pending {
-                    if piece.kind == NoteKind::Write {
-                        data.resize(piece.length as usize, 0);
-                        read(superblock.data_offset + piece.location, &mut data)?;
-                        intact &= crc32c::crc32c(&data) == piece.data_crc;
+            unit.push((note, seq));
+            note_pieces += 1;
+            if !note.catch_up && note_pieces == usize::from(note.piece_count) {
+                match replay.commit(&mut unit, &mut read)? {
+                    Some(op) => committed_op = op,
+                    None => {
+                        stopped = true;
+                        stopped_at = Some(note.op);
                     }
                 }
             }
-            if !committed || !intact {
-                stopped = true;
-                notes_dropped += 1;
-                pending.clear();
-                continue;
-            }
-            for (piece, _) in pending.drain(..) {
-                let location = if piece.kind == NoteKind::Zero {
-                    Location::Zero
-                } else {
-                    Location::Data(piece.location)
-                };
-                map.insert(
-                    Extent {
-                        offset: piece.offset,
-                        length: piece.length,
-                        op,
-                        location,
-                    },
-                    &mut freed,
-                );
-            }
-            freed.clear();
-            committed_op = op;
         }
     }
+    // A catch-up op at the end of the log, whole: committed if a header says so.
+    let whole = unit
+        .last()
+        .is_some_and(|(last, _)| last.catch_up && note_pieces == usize::from(last.piece_count));
+    if !stopped
+        && whole
+        && let Some(op) = replay.commit(&mut unit, &mut read)?
+    {
+        committed_op = op;
+    }
+    if let Some((first, _)) = unit.first() {
+        stopped_at.get_or_insert(first.op);
+    }
+    notes_dropped += unit.len() as u64;
     // A watermark the log vouches for (written in a block known durable) must be reached.
     let durable_commit = (start_seq..durable_before.min(end_seq))
         .map(|seq| {
@@ -410,12 +452,13 @@ pub fn recover(
         })
         .max()
         .unwrap_or(0);
-    if committed_op < durable_commit.max(base_op) {
+    // (Catch-up may have skipped it: then the first op not replayed is above it.)
+    let skipped = stopped_at.is_some_and(|op| op > durable_commit);
+    if committed_op < base_op || committed_op < durable_commit && !skipped {
         return Err(RecoveryError::DamagedCommittedNote {
             op: committed_op + 1,
         });
     }
-    notes_dropped += pending.len() as u64;
     Ok(Recovered {
         map,
         committed_op,
@@ -426,6 +469,65 @@ pub fn recover(
         notes_dropped,
         blocks_replayed: end_seq - start_seq,
     })
+}
+
+/// Replays one op's records into the map, if it is committed and its data intact.
+struct Replay<'a> {
+    superblock: &'a Superblock,
+    commit_through: u64,
+    durable_before: u64,
+    map: &'a mut ExtentMap,
+    freed: Vec<crate::alloc::Piece>,
+    data: &'a mut Vec<u8>,
+}
+
+impl Replay<'_> {
+    /// Inserts the op of `unit` (emptied) into the map and returns it, or `None` (the replay stops
+    /// there) when it is above the commit watermark or a piece not known durable fails its data
+    /// checksum (then the records are counted as dropped by the caller: `unit` is left as it was).
+    fn commit(
+        &mut self,
+        unit: &mut Vec<(NoteRecord, u64)>,
+        read: &mut impl FnMut(u64, &mut [u8]) -> Result<(), RecoveryError>,
+    ) -> Result<Option<u64>, RecoveryError> {
+        let op = unit.first().expect("an op to commit").0.op;
+        let committed = op <= self.commit_through;
+        let known_durable = unit.iter().all(|(_, seq)| *seq < self.durable_before);
+        let mut intact = true;
+        if committed && !known_durable {
+            for (piece, _) in unit.iter() {
+                if piece.kind == NoteKind::Write {
+                    self.data.resize(piece.length as usize, 0);
+                    read(self.superblock.data_offset + piece.location, self.data)?;
+                    intact &= crc32c::crc32c(self.data) == piece.data_crc;
+                }
+            }
+        }
+        if !committed || !intact {
+            return Ok(None);
+        }
+        for (piece, _) in unit.drain(..) {
+            if piece.length == 0 {
+                continue; // a catch-up jump: no extent
+            }
+            let location = if piece.kind == NoteKind::Zero {
+                Location::Zero
+            } else {
+                Location::Data(piece.location)
+            };
+            self.map.insert(
+                Extent {
+                    offset: piece.offset,
+                    length: piece.length,
+                    op,
+                    location,
+                },
+                &mut self.freed,
+            );
+        }
+        self.freed.clear();
+        Ok(Some(op))
+    }
 }
 
 fn read_block(

@@ -43,8 +43,6 @@ pub trait ReplicaStore {
     fn set_commit_limit(&mut self, through: u64);
     fn apply_note(&mut self, note: NoteMessage);
     fn discard_uncommitted(&mut self);
-    /// Whether a catch-up was started on this copy and has not finished (it is not whole).
-    fn incomplete(&self) -> bool;
     /// Snapshot now; returns the snapshot's commit watermark.
     fn start_catch_up_source(&mut self, id: u64, base: u64) -> u64;
     fn poll_catch_up_source(&mut self, id: u64, out: &mut Vec<CatchUpItem>, budget_bytes: usize);
@@ -81,6 +79,10 @@ pub struct ReplicatedVolume {
     pub status: Option<(std::sync::Arc<StatusBoard>, usize)>,
     /// The NBD export's offered flag: only a master offers the volume.
     pub offered: Option<std::sync::Arc<std::sync::atomic::AtomicBool>>,
+    /// A file that exists while the copy is being caught up (it is not whole until the finish is
+    /// durable): it tells a restarted node that it must not act as an in-sync slave.
+    pub incomplete_marker: Option<std::path::PathBuf>,
+    marker_present: bool,
     last_committed: u64,
     /// Catch-up sources running, with what they sent: (link, started, extents, bytes).
     sources: Vec<u64>,
@@ -104,6 +106,8 @@ impl ReplicatedVolume {
             authority,
             status,
             offered: None,
+            incomplete_marker: None,
+            marker_present: false,
             last_committed: 0,
             sources: Vec::new(),
             source_progress: HashMap::new(),
@@ -214,11 +218,15 @@ impl ReplicationHub {
     pub fn start(&mut self, stores: &mut dyn StoreAccess) {
         let now = self.now_us();
         for index in 0..self.volumes.len() {
-            let (mut committed, mut incomplete) = (0, false);
+            let mut committed = 0;
             stores.with(self.volumes[index].volume, &mut |store| {
                 committed = store.committed_op();
-                incomplete = store.incomplete();
             });
+            let incomplete = self.volumes[index]
+                .incomplete_marker
+                .as_ref()
+                .is_some_and(|marker| marker.exists());
+            self.volumes[index].marker_present = incomplete;
             self.volumes[index].last_committed = committed;
             self.feed(
                 index,
@@ -389,6 +397,15 @@ impl ReplicationHub {
             }
             if now >= self.next_tick_us {
                 self.feed(index, now, Event::Tick, stores);
+            }
+            if self.volumes[index].marker_present && !self.volumes[index].peer.status().incomplete {
+                let volume = &mut self.volumes[index];
+                if let Some(marker) = &volume.incomplete_marker
+                    && let Err(error) = remove_marker(marker)
+                {
+                    tracing::error!(%error, path = %marker.display(), "cannot remove the incomplete-copy marker");
+                }
+                volume.marker_present = false;
             }
             let peer = &self.volumes[index].peer;
             let (exports, reads) = (peer.exports(), peer.serves_reads(now));
@@ -887,6 +904,16 @@ impl ReplicationHub {
                 self.volumes[index].source_progress.remove(&link);
             }
             Action::ApplyCatchUpExtent(extent) => {
+                let volume = &mut self.volumes[index];
+                if !volume.marker_present
+                    && let Some(marker) = &volume.incomplete_marker
+                {
+                    // Durable before the first item is: a crash from here on leaves it behind.
+                    if let Err(error) = write_marker(marker) {
+                        tracing::error!(%error, path = %marker.display(), "cannot record an incomplete copy");
+                    }
+                    volume.marker_present = true;
+                }
                 let mut extent = Some(extent);
                 stores.with(volume_index, &mut |store| {
                     if let Some(extent) = extent.take() {
@@ -925,5 +952,27 @@ fn status_role(role: Role) -> StatusRole {
         Role::Slave => StatusRole::Slave,
         Role::CatchingUp => StatusRole::CatchingUp,
         Role::Starting | Role::Fenced => StatusRole::Fenced,
+    }
+}
+
+/// Creates `marker` durably (file and directory entry).
+fn write_marker(marker: &std::path::Path) -> io::Result<()> {
+    let file = std::fs::File::create(marker)?;
+    file.sync_all()?;
+    sync_parent(marker)
+}
+
+fn remove_marker(marker: &std::path::Path) -> io::Result<()> {
+    match std::fs::remove_file(marker) {
+        Ok(()) => sync_parent(marker),
+        Err(error) if error.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(error) => Err(error),
+    }
+}
+
+fn sync_parent(path: &std::path::Path) -> io::Result<()> {
+    match path.parent() {
+        Some(parent) => std::fs::File::open(parent)?.sync_all(),
+        None => Ok(()),
     }
 }

@@ -234,6 +234,8 @@ pub struct PeerStatus {
     pub committed: u64,
     pub peer_acked: Option<u64>,
     pub master_committed: Option<u64>,
+    /// The local copy is being caught up and is not whole yet.
+    pub incomplete: bool,
 }
 
 pub struct Peer {
@@ -347,6 +349,7 @@ impl Peer {
                 .then_some(self.peer_acked)
                 .filter(|_| self.link.is_some()),
             master_committed: self.master_committed,
+            incomplete: self.incomplete,
         }
     }
 

@@ -1,7 +1,8 @@
 //! A volume copy: one peer's durable storage of a volume, built of notes, op numbers and commits.
 //!
 //! Owns: the committed extent map (the readable state), the data-area allocator, the note log (journal
-//! blocks in flight, notes awaiting commit), checkpoints, and the reads in flight.
+//! blocks in flight, notes awaiting commit), checkpoints, the reads in flight, and the catch-up
+//! sources (snapshots being streamed to a returning peer, with their reads).
 //!
 //! Write path: a write gets data space and the next op number; its data goes to the new space and its
 //! note record into the journal block of this reactor iteration. When the block and the data are durable
@@ -10,9 +11,10 @@
 //! overwrites is freed once no read that could still be using it is in flight.
 //!
 //! Must never: make a note readable before it is durable, commit out of op order, acknowledge a write
-//! that failed or is not durable, reuse data space a committed extent or an in-flight read still uses
-//! (or before the block after its freeing commit is vouched for: see `vouched_before`), or overwrite
-//! journal blocks that recovery would still need.
+//! that failed or is not durable, reuse data space a committed extent, an in-flight read or a running
+//! catch-up source's snapshot still uses (or before the block after its freeing commit is vouched for:
+//! see `vouched_before`), overwrite journal blocks that recovery would still need, or commit (or let
+//! a journal watermark cover) part of a catch-up op.
 
 use std::collections::VecDeque;
 
@@ -60,6 +62,14 @@ const CHECKPOINT_BLOCKS_PER_ITERATION: usize = 16;
 const CHECKPOINT_SCAN_BYTES: u64 = 64 << 20;
 /// Source of the zeros written for write-zeroes with NO_HOLE (allocated on first use).
 const ZERO_BUFFER_BYTES: usize = 16 << 20;
+/// Largest catch-up item (the wire's limit on a note's data).
+const ITEM_BYTES_MAX: u64 = crate::replication::wire::NOTE_DATA_MAX as u64;
+/// Bytes of items a catch-up source reads ahead of what it has handed out (at least one item).
+const SOURCE_READ_AHEAD_BYTES: usize = 64 << 20;
+/// Device slots a catch-up source leaves to host IO.
+const SOURCE_SLOTS_SPARED: usize = DEVICE_OPS_MAX / 2;
+/// Items one poll hands out at most (zero items carry no data: the byte budget does not bound them).
+const SOURCE_ITEMS_PER_POLL_MAX: usize = 4096;
 /// Spare journal blocks kept beyond a checkpoint's needs.
 const JOURNAL_SPARE_BLOCKS: u64 = 8;
 
@@ -77,6 +87,11 @@ enum DeviceOp {
     },
     ReadPiece {
         read: u32,
+    },
+    /// A read of catch-up source `slot` for its planned item `item`.
+    SourceRead {
+        slot: u32,
+        item: u64,
     },
 }
 
@@ -108,7 +123,26 @@ struct Note {
     /// Journal seqs of the blocks holding its first and last record.
     first_seq: u64,
     last_seq: u64,
+    /// A catch-up note (`NOTE_FLAG_CATCH_UP`): its op may skip ahead, several may share one op.
+    catch_up: bool,
+    /// The first block whose header records this note's op as committed (`commit_through`); the note
+    /// commits only once it is durable. A host or applied note's own block; for a catch-up note,
+    /// the block of the first note after its op, `u64::MAX` until there is one (more items of its op
+    /// may come, and recovery must never stop in the middle of an op).
+    complete_seq: u64,
     failed: bool,
+}
+
+/// How an applied request (parked in `waiting`, or being started) gets its op.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Applied {
+    /// A note from the master: the next op.
+    Note,
+    /// A catch-up item: its own op (see `apply_catch_up`).
+    CatchUpItem,
+    /// A zero-length catch-up note that completes the open catch-up op and moves the watermark to
+    /// its op (see `finish_catch_up`).
+    CatchUpEnd,
 }
 
 struct SealedBlock {
@@ -155,6 +189,62 @@ struct CheckpointJob {
     phase: CheckpointPhase,
 }
 
+/// A catch-up source: a snapshot and the items planned from it (`start_catch_up_source`).
+struct CatchUpSource {
+    id: u64,
+    snapshot: ExtentMap,
+    /// `free_counter` when the snapshot was taken: space freed after it stays in limbo while the
+    /// source exists (the snapshot may still read it).
+    started_at: u64,
+    /// (op, offset, length) of every item, in the order they are sent.
+    plan: Vec<(u64, u64, u64)>,
+    /// The next planned item to read.
+    next: usize,
+    /// Items being read or read, in plan order (the front is planned item `next - items.len()`).
+    items: VecDeque<SourceItem>,
+    /// Bytes of `items`.
+    buffered: usize,
+    end_sent: bool,
+    /// Stopped with reads in flight: kept (buffers, limbo) until they are over.
+    stopped: bool,
+    failed: Option<VolumeError>,
+}
+
+struct SourceItem {
+    op: u64,
+    offset: u64,
+    length: u64,
+    /// The range's content; empty when the snapshot holds no data in it (it reads as zeros).
+    buf: AlignedBuf,
+    pending: u32,
+}
+
+impl SourceItem {
+    fn data_bytes(&self) -> usize {
+        self.buf.len()
+    }
+
+    /// A `Zero` item when the whole range reads as zeros, else a `Write` with its content.
+    fn into_message(self) -> NoteMessage {
+        let zeros = self.buf.as_slice().iter().all(|&byte| byte == 0);
+        NoteMessage {
+            op: self.op,
+            kind: if zeros {
+                replication::NoteKind::Zero
+            } else {
+                replication::NoteKind::Write
+            },
+            offset: self.offset,
+            length: self.length,
+            data: if zeros {
+                Vec::new()
+            } else {
+                self.buf.as_slice().to_vec()
+            },
+        }
+    }
+}
+
 /// Counters for tests, benchmarks and (later) metrics.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct CopyStats {
@@ -164,6 +254,8 @@ pub struct CopyStats {
     pub syncs: u64,
     pub checkpoints: u64,
     pub data_bytes_written: u64,
+    /// Notes created (each took an op number, or shares its catch-up op).
+    pub notes_created: u64,
     pub journal_bytes_written: u64,
     pub free_bytes: u64,
 }
@@ -209,6 +301,8 @@ pub struct VolumeCopy {
     /// recovery will not check those ops' data checksums against whatever is written here next.
     limbo: VecDeque<(u64, u64, Piece)>,
     free_counter: u64,
+    /// Catch-up sources (slots reused); see `CatchUpSource`.
+    sources: Vec<Option<CatchUpSource>>,
     checkpoint: Option<CheckpointJob>,
     checkpoint_id: u64,
     failed: Option<VolumeError>,
@@ -219,8 +313,14 @@ pub struct VolumeCopy {
     commit_limit: u64,
     /// Created notes for the replication link, in op order (`set_note_outbox`); `None`: not kept.
     outbox: Option<Vec<NoteMessage>>,
-    /// Applied notes parked in `waiting` (they take their op numbers when they start).
-    parked_applies: u64,
+    /// Applied requests parked in `waiting`, in order, with the op each takes when it starts.
+    parked: VecDeque<(u64, Applied)>,
+    /// The op of the newest note when it is a catch-up item whose op is not complete yet (more items
+    /// of that op may follow; see `Note::complete_seq`).
+    open_catch_up_op: Option<u64>,
+    /// Applied requests so far (wrapping): the `slot` of their origin, which tells the completions
+    /// of catch-up items of one op apart (for tests and traces).
+    applied_count: u16,
     /// Dropped notes whose data writes are still in flight: their space and buffers are released
     /// when the writes complete.
     discarded: Vec<Note>,
@@ -274,13 +374,16 @@ impl VolumeCopy {
             free_reads: Vec::new(),
             limbo: VecDeque::new(),
             free_counter: 0,
+            sources: Vec::new(),
             checkpoint: None,
             checkpoint_id: recovered.checkpoint_id,
             failed: None,
             next_entry: 0,
             commit_limit: u64::MAX,
             outbox: None,
-            parked_applies: 0,
+            parked: VecDeque::new(),
+            open_catch_up_op: None,
+            applied_count: 0,
             discarded: Vec::new(),
             block_pool: Vec::new(),
             piece_pool: Vec::new(),
@@ -339,14 +442,23 @@ impl VolumeCopy {
 
     /// The op number the next note gets (for `apply_note`: the op it must carry).
     pub fn next_op(&self) -> u64 {
-        self.next_op + self.parked_applies
+        self.parked.back().map_or(self.next_op, |&(op, _)| op + 1)
+    }
+
+    /// The catch-up op a further item may still carry (the newest accepted item's, unless a later
+    /// note or a finish completed it, or the item was refused by a failed copy).
+    pub fn catch_up_op_open(&self) -> Option<u64> {
+        match self.parked.back() {
+            Some(&(op, Applied::CatchUpItem)) => Some(op),
+            Some(_) => None,
+            None => self.open_catch_up_op,
+        }
     }
 
     /// Replication master: notes with op > `through` are made durable as usual but not committed
     /// (not readable, not acknowledged) until the limit is raised; raising it commits what is durable,
     /// in op order, now. A limit below the watermark means the watermark (what is committed stays so).
-    /// Recovery ignores the limit: it replays every durable note (the protocol relies on "durable =>
-    /// committed at recovery"; a restarted master takes a new epoch).
+    /// Recovery ignores the limit: it replays every durable note (see `commit_through`).
     pub fn set_commit_limit(
         &mut self,
         through: u64,
@@ -392,16 +504,343 @@ impl VolumeCopy {
             });
         }
         let request = self.replication_request(&note)?;
+        self.end_open_catch_up_op(device, done);
+        self.start_applied(request, note.op, Applied::Note, device, done);
+        Ok(())
+    }
+
+    /// Before a note of a later op: a zero-length note that completes the open catch-up op, so that
+    /// it commits (and frees what it overwrote) without waiting for the later note to get data space.
+    fn end_open_catch_up_op(&mut self, device: &mut dyn Device, done: &mut VecDeque<IoCompletion>) {
+        if let Some(open) = self.catch_up_op_open() {
+            self.start_applied(
+                Self::jump_request(open),
+                open,
+                Applied::CatchUpEnd,
+                device,
+                done,
+            );
+        }
+    }
+
+    /// The request of a zero-length catch-up note with op `op`.
+    fn jump_request(op: u64) -> IoRequest {
+        IoRequest {
+            volume: 0,
+            kind: IoKind::Trim,
+            flags: IoFlags::empty(),
+            offset: 0,
+            length: 0,
+            buf: AlignedBuf::empty(),
+            origin: Origin::replication(op),
+        }
+    }
+
+    /// Returning peer: writes a catch-up item (`replication::message::CatchUpItem::Extent`) as a note
+    /// with its own op, which must be at least `next_op()` (the ops in between are not part of the
+    /// catch-up: the op sequence jumps) or the op of the previous item (an op whose range was sent
+    /// as several items: each is a note of that op). It commits like any note (durable, in op order,
+    /// within the commit limit), but an op only as a whole, once a later note is durable too: a
+    /// zero-length note of its op, which an item of a later op, an `apply_note` or a finish writes
+    /// first (one 64-byte journal record per op), so that no recovery stops in the middle of an op.
+    /// Every item of one op must fit the free data space at once (what they overwrite is freed when
+    /// the op commits): true of a source's items (an op spans at most its request, ≤ 32 MiB of
+    /// data). A host write while an op is open completes it too, once it starts (a catching-up peer
+    /// takes none). Refused, changing nothing, if out of order, out of range or inconsistent.
+    pub fn apply_catch_up(
+        &mut self,
+        item: NoteMessage,
+        device: &mut dyn Device,
+        done: &mut VecDeque<IoCompletion>,
+    ) -> Result<(), ApplyError> {
+        let expected = self.next_op();
+        if item.op < expected && self.catch_up_op_open() != Some(item.op) {
+            return Err(ApplyError::OutOfOrder {
+                expected,
+                got: item.op,
+            });
+        }
+        let request = self.replication_request(&item)?;
+        if self.catch_up_op_open().is_some_and(|open| item.op > open) {
+            self.end_open_catch_up_op(device, done);
+        }
+        self.start_applied(request, item.op, Applied::CatchUpItem, device, done);
+        Ok(())
+    }
+
+    /// Returning peer: every catch-up item through `through` was applied. If `through` is at least
+    /// `next_op()`, a zero-length catch-up note with op `through` (no data, no extent) moves the
+    /// watermark to `through` once durable; if an item's op is still open (`through` is its op), a
+    /// zero-length note of that op completes it. Otherwise nothing. `apply_note` then continues with
+    /// `next_op()` (`through + 1` after a jump).
+    pub fn finish_catch_up(
+        &mut self,
+        through: u64,
+        device: &mut dyn Device,
+        done: &mut VecDeque<IoCompletion>,
+    ) {
+        let op = if through >= self.next_op() {
+            through
+        } else if let Some(open) = self.catch_up_op_open() {
+            if open != through {
+                tracing::warn!(
+                    through,
+                    open,
+                    "catch-up finished below the op of its last item: completing that op"
+                );
+            }
+            open
+        } else {
+            return;
+        };
+        self.start_applied(
+            Self::jump_request(op),
+            op,
+            Applied::CatchUpEnd,
+            device,
+            done,
+        );
+    }
+
+    /// Starts an applied request with op `op`, or parks it behind what waits (`start` takes the op
+    /// from `parked`).
+    fn start_applied(
+        &mut self,
+        mut request: IoRequest,
+        op: u64,
+        applied: Applied,
+        device: &mut dyn Device,
+        done: &mut VecDeque<IoCompletion>,
+    ) {
+        request.origin.slot = self.applied_count;
+        self.applied_count = self.applied_count.wrapping_add(1);
+        self.parked.push_back((op, applied));
         if self.waiting.is_empty() {
-            match self.start(request, device, done) {
-                Ok(()) => return Ok(()),
-                Err(request) => self.waiting.push_back(request),
+            if let Err(request) = self.start(request, device, done) {
+                self.waiting.push_back(request);
             }
         } else {
             self.waiting.push_back(request);
         }
-        self.parked_applies += 1;
-        Ok(())
+    }
+
+    /// Catch-up source (master): takes an O(1) snapshot of the committed map at the watermark `K`
+    /// (returned) and plans the items that bring a copy holding every op up to `base` to exactly
+    /// that snapshot: for each op after `base` that the snapshot still holds, in ascending op order,
+    /// one item covering its extents from the lowest offset to the highest end, with the snapshot's
+    /// content of that whole range (a later op's data in between is sent again by that op's item).
+    /// An op whose range exceeds `NOTE_DATA_MAX` is sent as one item per extent instead (extents
+    /// above it in chunks), all with its op. While the source runs, space its snapshot refers to is
+    /// not reused (`limbo`). Several sources may run at once; an `id` already running is replaced.
+    pub fn start_catch_up_source(&mut self, id: u64, base: u64) -> u64 {
+        self.stop_catch_up_source(id);
+        let snapshot = self.map.snapshot();
+        let mut extents = Vec::new();
+        snapshot.changed_since(base, &mut extents);
+        extents.sort_unstable_by_key(|extent| (extent.op, extent.offset));
+        let mut plan = Vec::new();
+        for group in extents.chunk_by(|a, b| a.op == b.op) {
+            let low = group[0].offset;
+            let high = group
+                .iter()
+                .map(Extent::end)
+                .max()
+                .expect("a group is not empty");
+            if high - low <= ITEM_BYTES_MAX {
+                plan.push((group[0].op, low, high - low));
+                continue;
+            }
+            for extent in group {
+                let mut offset = extent.offset;
+                while offset < extent.end() {
+                    let length = (extent.end() - offset).min(ITEM_BYTES_MAX);
+                    plan.push((extent.op, offset, length));
+                    offset += length;
+                }
+            }
+        }
+        tracing::info!(
+            id,
+            base,
+            through = self.committed_op,
+            items = plan.len(),
+            "catch-up source started"
+        );
+        let source = CatchUpSource {
+            id,
+            snapshot,
+            started_at: self.free_counter,
+            plan,
+            next: 0,
+            items: VecDeque::new(),
+            buffered: 0,
+            end_sent: false,
+            stopped: false,
+            failed: None,
+        };
+        match self.sources.iter().position(Option::is_none) {
+            Some(slot) => self.sources[slot] = Some(source),
+            None => self.sources.push(Some(source)),
+        }
+        self.committed_op
+    }
+
+    /// Called once per reactor iteration for a running source: appends to `out`, in ascending op
+    /// order, the items whose reads have completed (about `budget_bytes` of data at most, but at
+    /// least one), then `CatchUpItem::End` once after the last; and starts reading ahead (reads go
+    /// through the device like host reads, bounded in bytes and device slots). A read error stops the
+    /// source: nothing more is produced (`catch_up_source_error`).
+    pub fn poll_catch_up_source(
+        &mut self,
+        id: u64,
+        out: &mut Vec<replication::CatchUpItem>,
+        budget_bytes: usize,
+        device: &mut dyn Device,
+        _done: &mut VecDeque<IoCompletion>,
+    ) {
+        let Some(slot) = self.source_slot(id) else {
+            return;
+        };
+        let source = self.sources[slot].as_mut().expect("live source");
+        let mut emitted = 0usize;
+        let mut count = 0usize;
+        while let Some(item) = source.items.front() {
+            if item.pending > 0
+                || source.failed.is_some()
+                || count >= SOURCE_ITEMS_PER_POLL_MAX
+                || (count > 0 && emitted + item.data_bytes() > budget_bytes)
+            {
+                break;
+            }
+            let item = source.items.pop_front().expect("front exists");
+            source.buffered -= item.length as usize;
+            emitted += item.data_bytes();
+            count += 1;
+            out.push(replication::CatchUpItem::Extent(item.into_message()));
+        }
+        if let Some(error) = source.failed {
+            if !source.end_sent {
+                tracing::error!(id, %error, "catch-up source failed: a read of the snapshot failed");
+                source.end_sent = true; // logged once; nothing more is produced
+            }
+            return;
+        }
+        if source.next == source.plan.len() && source.items.is_empty() && !source.end_sent {
+            out.push(replication::CatchUpItem::End);
+            // Done: nothing in flight; the snapshot and the space it held are released now.
+            self.sources[slot] = None;
+            self.release_limbo();
+            return;
+        }
+        self.read_ahead(slot, device);
+    }
+
+    /// The error that stopped a source, if any.
+    pub fn catch_up_source_error(&self, id: u64) -> Option<VolumeError> {
+        self.source_slot(id)
+            .and_then(|slot| self.sources[slot].as_ref())
+            .and_then(|source| source.failed)
+    }
+
+    /// Ends a source (finished or not): its snapshot is released once its reads in flight are over,
+    /// and with it the space only the snapshot still referred to.
+    pub fn stop_catch_up_source(&mut self, id: u64) {
+        let Some(slot) = self.source_slot(id) else {
+            return;
+        };
+        let source = self.sources[slot].as_mut().expect("live source");
+        source.stopped = true;
+        source.plan = Vec::new();
+        if source.items.iter().all(|item| item.pending == 0) {
+            self.sources[slot] = None;
+        }
+        self.release_limbo();
+    }
+
+    fn source_slot(&self, id: u64) -> Option<usize> {
+        self.sources.iter().position(|source| {
+            source
+                .as_ref()
+                .is_some_and(|source| source.id == id && !source.stopped)
+        })
+    }
+
+    /// Starts the reads of the next planned items while the source's read-ahead and the device
+    /// slots spared for host IO allow.
+    fn read_ahead(&mut self, slot: usize, device: &mut dyn Device) {
+        let mut mappings = Vec::new();
+        loop {
+            let source = self.sources[slot].as_mut().expect("live source");
+            let Some(&(op, offset, length)) = source.plan.get(source.next) else {
+                return;
+            };
+            if source.buffered > 0 && source.buffered + length as usize > SOURCE_READ_AHEAD_BYTES {
+                return;
+            }
+            mappings.clear();
+            source.snapshot.lookup(offset, length, &mut mappings);
+            mappings.retain(|mapping| {
+                matches!(
+                    mapping,
+                    Mapping::Mapped(Extent {
+                        location: Location::Data(_),
+                        ..
+                    })
+                )
+            });
+            if self.free_tags.len() < SOURCE_SLOTS_SPARED + mappings.len() {
+                return; // resumed on a later poll
+            }
+            let mut item = SourceItem {
+                op,
+                offset,
+                length,
+                buf: AlignedBuf::empty(),
+                pending: 0,
+            };
+            if !mappings.is_empty() {
+                // Holes and zero extents read as the zeros the buffer starts with.
+                item.buf = AlignedBuf::with_capacity(length as usize);
+                item.buf.set_len(length as usize);
+                item.buf.as_mut_slice().fill(0);
+            }
+            let plan_index = source.next as u64;
+            source.next += 1;
+            source.buffered += length as usize;
+            source.items.push_back(item);
+            let item = source.items.back_mut().expect("just pushed");
+            let mut reads = Vec::with_capacity(mappings.len());
+            for mapping in &mappings {
+                let Mapping::Mapped(Extent {
+                    offset: piece_offset,
+                    length: piece_length,
+                    location: Location::Data(address),
+                    ..
+                }) = *mapping
+                else {
+                    unreachable!("only data mappings are kept");
+                };
+                let start = (piece_offset - offset) as usize;
+                let data =
+                    item.buf.as_mut_slice()[start..start + piece_length as usize].as_mut_ptr();
+                item.pending += 1;
+                reads.push(Submission::Read {
+                    address: self.superblock.data_offset + address,
+                    data,
+                    length: piece_length as usize,
+                });
+            }
+            for submission in reads {
+                self.issue(
+                    DeviceOp::SourceRead {
+                        slot: slot as u32,
+                        item: plan_index,
+                    },
+                    submission,
+                    device,
+                );
+            }
+        }
     }
 
     /// The request that writes a note (or catch-up extent) received from a peer, after checking it.
@@ -481,7 +920,9 @@ impl VolumeCopy {
             }
         }
         self.waiting = kept;
-        self.parked_applies = 0;
+        self.parked.clear();
+        // An open catch-up op is uncommitted (it commits only once complete): dropped below.
+        self.open_catch_up_op = None;
         let dropped = self.notes.len();
         while let Some(note) = self.notes.pop_front() {
             debug_assert!(note.op > self.committed_op);
@@ -587,6 +1028,9 @@ impl VolumeCopy {
             }
         }
         if let Some(error) = self.failed {
+            if request.origin.is_replication() {
+                self.parked.pop_front();
+            }
             done.push_back(IoCompletion {
                 origin: request.origin,
                 result: Err(error),
@@ -620,6 +1064,9 @@ impl VolumeCopy {
         {
             self.piece_pool.push(pieces);
             if self.notes.is_empty() && self.limbo.is_empty() && self.discarded.is_empty() {
+                if request.origin.is_replication() {
+                    self.parked.pop_front();
+                }
                 done.push_back(IoCompletion {
                     origin: request.origin,
                     result: Err(VolumeError::NoSpace),
@@ -648,14 +1095,35 @@ impl VolumeCopy {
             self.piece_pool.push(pieces);
             return Err(request);
         }
-        let op = self.next_op;
-        self.next_op += 1;
+        let (op, applied) = if request.origin.is_replication() {
+            self.parked
+                .pop_front()
+                .expect("an applied request is parked")
+        } else {
+            (self.next_op, Applied::Note)
+        };
+        let catch_up = applied != Applied::Note;
+        debug_assert!(
+            op == self.next_op
+                || catch_up && op > self.next_op
+                || catch_up && self.open_catch_up_op == Some(op),
+            "op {op} ({applied:?}) out of order: next op {}",
+            self.next_op
+        );
+        self.next_op = op + 1;
+        self.stats.notes_created += 1;
         if self.outbox.is_some() {
             self.note_created(op, &request);
         }
         let entry = self.next_entry;
         self.next_entry += 1;
         let first_seq = self.open_block_seq(BlockKind::Notes);
+        if let Some(open) = self.open_catch_up_op
+            && (op > open || applied == Applied::CatchUpEnd)
+        {
+            // This note's block is the first to record the open op as committed.
+            self.complete_catch_up_op(open, first_seq);
+        }
         let mut note = Note {
             entry,
             op,
@@ -665,8 +1133,17 @@ impl VolumeCopy {
             data_pending: 0,
             first_seq,
             last_seq: first_seq,
+            catch_up,
+            complete_seq: if applied == Applied::CatchUpItem {
+                u64::MAX
+            } else {
+                first_seq
+            },
             failed: false,
         };
+        if applied == Applied::CatchUpItem {
+            self.open_catch_up_op = Some(op);
+        }
         let piece_count = note.pieces.len().max(1) as u16;
         if kind == NoteKind::Write {
             let mut position = 0usize;
@@ -695,6 +1172,7 @@ impl VolumeCopy {
                     kind,
                     piece_index: index as u16,
                     piece_count,
+                    catch_up,
                 };
                 note.last_seq = self.append_note(&record, device);
                 // Zeros come from the shared zero buffer, in chunks of its size.
@@ -737,6 +1215,7 @@ impl VolumeCopy {
                 kind,
                 piece_index: 0,
                 piece_count: 1,
+                catch_up,
             };
             note.last_seq = self.append_note(&record, device);
         }
@@ -745,6 +1224,20 @@ impl VolumeCopy {
         note.request = Some(request);
         self.notes.push_back(note);
         Ok(())
+    }
+
+    /// The notes of catch-up op `op` (the newest notes) are all there: they commit once block
+    /// `complete_seq` is durable.
+    #[cold]
+    fn complete_catch_up_op(&mut self, op: u64, complete_seq: u64) {
+        self.open_catch_up_op = None;
+        for note in self.notes.iter_mut().rev() {
+            if note.op != op {
+                break;
+            }
+            debug_assert!(note.catch_up && note.complete_seq == u64::MAX);
+            note.complete_seq = complete_seq;
+        }
     }
 
     /// Copies a host note for the replication link (replicated masters only: not on the plain path).
@@ -969,6 +1462,16 @@ impl VolumeCopy {
         seq
     }
 
+    /// The watermark a block sealed now records: recovery commits every op up to it (once this block
+    /// and all before it are durable): every op given out so far, whatever the commit limit. The
+    /// replication protocol relies on that ("durable => committed at recovery"): a restarted master
+    /// has every op it acknowledged, and takes a new epoch so that ops its slave may hold beyond its
+    /// watermark are never confused with new ones.
+    fn commit_through(&self) -> u64 {
+        // An open catch-up op is not complete: more items of it may come.
+        self.open_catch_up_op.map_or(self.next_op, |open| open) - 1
+    }
+
     /// Seals the open block (header, checksum) and writes it.
     fn seal(&mut self, device: &mut dyn Device) {
         let Some(mut open) = self.open.take() else {
@@ -981,13 +1484,11 @@ impl VolumeCopy {
             self.live_from_seq
         );
         self.next_seq += 1;
-        let last_op = self.next_op - 1;
         let header = BlockHeader {
             volume_id: self.superblock.volume_id,
             seq,
             durable_before: self.durable_before,
-            // A single copy commits its notes as soon as they are durable.
-            commit_through: last_op,
+            commit_through: self.commit_through(),
             incarnation: self.incarnation,
             kind: open.kind,
             count: open.count as u16,
@@ -1048,7 +1549,8 @@ impl VolumeCopy {
                 length,
             } => {
                 // SAFETY: read targets are slices of a read job's request buffer, kept in `reads` until
-                // every piece has completed.
+                // every piece has completed, or of a catch-up source item's buffer, kept in `sources`
+                // (even once stopped) until its reads have completed; heap memory that does not move.
                 unsafe { device.read(tag, address, data, length) }
             }
             Submission::Sync => device.sync(tag),
@@ -1099,13 +1601,9 @@ impl VolumeCopy {
 
     fn retry_waiting(&mut self, device: &mut dyn Device, done: &mut VecDeque<IoCompletion>) {
         while let Some(request) = self.waiting.pop_front() {
-            let applied = request.origin.is_replication();
             if let Err(request) = self.start(request, device, done) {
                 self.waiting.push_front(request);
                 break;
-            }
-            if applied {
-                self.parked_applies -= 1;
             }
         }
         // Writes that could not start did not open a block; anything they appended is sealed next time.
@@ -1173,6 +1671,20 @@ impl VolumeCopy {
                 match error {
                     Some(error) => self.fail(error),
                     None => self.durable_before = self.durable_before.max(covers_before),
+                }
+            }
+            DeviceOp::SourceRead { slot, item } => {
+                let source = self.sources[slot as usize]
+                    .as_mut()
+                    .expect("a source with reads in flight");
+                let front = (source.next - source.items.len()) as u64;
+                let entry = &mut source.items[(item - front) as usize];
+                entry.pending -= 1;
+                if let Some(error) = error {
+                    source.failed.get_or_insert(error);
+                }
+                if source.stopped && source.items.iter().all(|item| item.pending == 0) {
+                    self.sources[slot as usize] = None;
                 }
             }
             DeviceOp::ReadPiece { read } => {
@@ -1246,8 +1758,10 @@ impl VolumeCopy {
         }
         // Commit, strictly in op order.
         while let Some(note) = self.notes.front() {
-            let durable =
-                note.last_seq < self.durable_before && note.data_pending == 0 && !note.failed;
+            let durable = note.last_seq < self.durable_before
+                && note.complete_seq < self.durable_before
+                && note.data_pending == 0
+                && !note.failed;
             if let Some(error) = self.failed {
                 if note.data_pending > 0 {
                     break;
@@ -1271,11 +1785,16 @@ impl VolumeCopy {
             if !durable || note.op > self.commit_limit {
                 break;
             }
+            // A catch-up op commits as a whole, so that a checkpoint never holds part of it.
+            if note.catch_up && !self.catch_up_op_durable(note.op) {
+                break;
+            }
             let mut note = self.notes.pop_front().expect("front exists");
-            debug_assert_eq!(
+            debug_assert!(
+                note.op == self.committed_op + 1 || note.catch_up && note.op >= self.committed_op,
+                "commits go strictly in op order: op {} after {}",
                 note.op,
-                self.committed_op + 1,
-                "commits go strictly in op order"
+                self.committed_op
             );
             let request = note
                 .request
@@ -1295,6 +1814,8 @@ impl VolumeCopy {
                         position += piece.length;
                     }
                 }
+                // A zero-length catch-up note (a jump) has no extent.
+                NoteKind::Zero if request.length == 0 => {}
                 NoteKind::Zero => {
                     let extent = Extent {
                         offset: request.offset,
@@ -1327,6 +1848,20 @@ impl VolumeCopy {
         self.release_limbo();
     }
 
+    /// Whether every note of catch-up op `op` (the first notes in the queue) can commit.
+    #[cold]
+    fn catch_up_op_durable(&self, op: u64) -> bool {
+        self.notes
+            .iter()
+            .take_while(|note| note.op == op)
+            .all(|note| {
+                note.last_seq < self.durable_before
+                    && note.complete_seq < self.durable_before
+                    && note.data_pending == 0
+                    && !note.failed
+            })
+    }
+
     /// Frees overwritten space once every read that might still read it has finished.
     fn release_limbo(&mut self) {
         let oldest_read = self
@@ -1334,6 +1869,12 @@ impl VolumeCopy {
             .iter()
             .flatten()
             .map(|job| job.started_at)
+            .chain(
+                self.sources
+                    .iter()
+                    .flatten()
+                    .map(|source| source.started_at),
+            )
             .min()
             .unwrap_or(u64::MAX);
         while let Some(&(freed_at, vouching_seq, piece)) = self.limbo.front() {

@@ -81,26 +81,31 @@ impl ReplicaStore for VolumeReplica<'_> {
         self.with_copy(|copy, device, done| copy.discard_uncommitted(device, done));
     }
 
-    fn incomplete(&self) -> bool {
-        false // STUB until the copy's catch-up records land
+    fn start_catch_up_source(&mut self, id: u64, base: u64) -> u64 {
+        self.with_copy(|copy, _, _| copy.start_catch_up_source(id, base))
     }
 
-    fn start_catch_up_source(&mut self, _id: u64, _base: u64) -> u64 {
-        // STUB until the copy's catch-up source lands: an empty catch-up at the watermark.
-        self.committed_op()
+    fn poll_catch_up_source(&mut self, id: u64, out: &mut Vec<CatchUpItem>, budget_bytes: usize) {
+        self.with_copy(|copy, device, done| {
+            copy.poll_catch_up_source(id, out, budget_bytes, device, done)
+        });
     }
 
-    fn poll_catch_up_source(&mut self, _id: u64, out: &mut Vec<CatchUpItem>, _budget_bytes: usize) {
-        out.push(CatchUpItem::End);
+    fn stop_catch_up_source(&mut self, id: u64) {
+        self.with_copy(|copy, _, _| copy.stop_catch_up_source(id));
     }
 
-    fn stop_catch_up_source(&mut self, _id: u64) {}
-
-    fn apply_catch_up_extent(&mut self, _extent: NoteMessage) {
-        tracing::error!("catch-up items are not supported yet");
+    fn apply_catch_up_extent(&mut self, extent: NoteMessage) {
+        self.with_copy(|copy, device, done| {
+            if let Err(error) = copy.apply_catch_up(extent, device, done) {
+                tracing::error!(%error, "cannot apply a catch-up item");
+            }
+        });
     }
 
-    fn finish_catch_up(&mut self, _through: u64) {}
+    fn finish_catch_up(&mut self, through: u64) {
+        self.with_copy(|copy, device, done| copy.finish_catch_up(through, device, done));
+    }
 
     fn set_serving(&mut self, writes: bool, reads: bool) {
         self.volume.set_gate(ServingGate { writes, reads });

@@ -74,6 +74,21 @@
 //!   numbering restarts at the watermark, and a power cut may bring the dropped history back only
 //!   until an op numbered after the discard was acknowledged (or through damage to a block in the
 //!   durable tail of the log).
+//! - Commit limits and the journal: recovery never goes above the highest `min(op given out,
+//!   max(limit, committed))` a block could have recorded, and keeps every op acknowledged while the
+//!   limit had been `u64::MAX` since before the op was numbered (ops acknowledged under a limit may be
+//!   lost: counted).
+//! - Catch-up apply (replication seeds, in episodes): write-likes become catch-up items whose op skips
+//!   0 to 3 ops ahead or repeats the open item's op (the model lets the later item of one op win),
+//!   ended by `finish_catch_up` through the open op or beyond; the zero-length notes the copy writes
+//!   (ending an op, jumps) are requests of their own in the model. Every check above applies: reads
+//!   and recoveries must show the state after a whole op (never part of one), acknowledgements come in
+//!   op order (skips and repeats allowed only for catch-up), power cuts land anywhere in an episode.
+//! - Catch-up sources (replication seeds): up to two at once, from a random base at or below the
+//!   watermark, polled with random budgets while host writes, commits, discards and checkpoints go on;
+//!   items are checked (op order, op range, kind, data length) and applied to the model's state at
+//!   the base, which at `End` must equal the model's state at the snapshot's op, sector by sector. The
+//!   device refuses a write that overlaps a source's read in flight (space of the snapshot reused).
 //!
 //! Bugs this found are listed with their seeds in `simulated_power_cuts_regressions`.
 
@@ -648,8 +663,14 @@ impl Model {
                 EffectKind::Unallocated => SectorValue::Unallocated,
             };
             let history = &mut self.history[sector as usize];
-            assert!(history.last().is_none_or(|&(last, _)| last < op));
-            history.push((op, value));
+            match history.last_mut() {
+                // Catch-up items of one op: the later one wins, as in the copy.
+                Some((last, last_value)) if *last == op => *last_value = value,
+                last => {
+                    assert!(last.is_none_or(|&mut (last, _)| last < op));
+                    history.push((op, value));
+                }
+            }
         }
     }
 
@@ -711,6 +732,18 @@ struct Undiscarded {
     discards: u64,
 }
 
+/// A catch-up source running on the copy, with the reference it must reproduce.
+struct SimSource {
+    id: u64,
+    base: u64,
+    through: u64,
+    /// Per sector: the model's state after op `through`, and the state after op `base` with every
+    /// item received so far applied in order (equal once `End` came).
+    expected: Vec<Observed>,
+    state: Vec<Observed>,
+    last_op: u64,
+}
+
 /// A host request the copy has not completed yet.
 #[derive(Debug)]
 struct Outstanding {
@@ -720,10 +753,16 @@ struct Outstanding {
     effect: Option<Effect>,
     op: Option<u64>,
     committed_at_submission: u64,
-    acknowledged_at_submission: u64,
+    /// `guaranteed_op` when submitted (a flush makes what it covers survive power cuts).
+    guaranteed_at_submission: u64,
     /// Written with `apply_note` (as a replication slave does) rather than submitted: the op the note
     /// carried, which its completion's origin reports.
     applied: Option<u64>,
+    /// Applied as a catch-up item or finish (`apply_catch_up`, `finish_catch_up`): its op may skip
+    /// ahead or repeat the previous one.
+    catch_up: bool,
+    /// The `slot` of an applied request's completion origin (the copy counts applied requests).
+    applied_slot: u16,
     /// Dropped by `discard_uncommitted`: it must complete with `Fenced`.
     dropped: bool,
 }
@@ -836,6 +875,21 @@ struct SimStats {
     discards_undone: u64,
     discards: u64,
     notes_applied: u64,
+    catch_up_items: u64,
+    /// Catch-up items sharing the op of the previous one, and ops skipped by catch-up items.
+    catch_up_same_op: u64,
+    catch_up_ops_skipped: u64,
+    catch_up_finishes: u64,
+    sources_started: u64,
+    /// Sources that sent `End` and reproduced their snapshot exactly; stopped ones (at random or
+    /// after a read error); items checked.
+    sources_verified: u64,
+    sources_stopped: u64,
+    source_items: u64,
+    /// Acknowledged while a commit limit was (or had recently been) in force: not guaranteed to
+    /// survive a power cut; and how many power cuts did lose some.
+    acknowledged_under_limit: u64,
+    acknowledged_lost_under_limit: u64,
 }
 
 impl SimStats {
@@ -861,16 +915,32 @@ impl SimStats {
         self.discards_undone += other.discards_undone;
         self.discards += other.discards;
         self.notes_applied += other.notes_applied;
+        self.catch_up_items += other.catch_up_items;
+        self.catch_up_same_op += other.catch_up_same_op;
+        self.catch_up_ops_skipped += other.catch_up_ops_skipped;
+        self.catch_up_finishes += other.catch_up_finishes;
+        self.sources_started += other.sources_started;
+        self.sources_verified += other.sources_verified;
+        self.sources_stopped += other.sources_stopped;
+        self.source_items += other.source_items;
+        self.acknowledged_under_limit += other.acknowledged_under_limit;
+        self.acknowledged_lost_under_limit += other.acknowledged_lost_under_limit;
     }
 }
 
 enum Call {
     Submit(IoRequest),
     Apply(NoteMessage),
+    CatchUp(NoteMessage),
+    /// `finish_catch_up(through)`.
+    Finish(u64),
     SetCommitLimit(u64),
     Discard,
     EndIteration,
-    Complete { tag: u32, result: i32 },
+    Complete {
+        tag: u32,
+        result: i32,
+    },
 }
 
 fn origin_of(request: u64) -> Origin {
@@ -947,6 +1017,18 @@ struct Simulation {
     /// The highest op number given out (ops above the last recovery's `W` are forgotten).
     numbered_op: u64,
     acknowledged_op: u64,
+    /// The highest acknowledged op a power cut must keep: acknowledged while the commit limit had
+    /// been `u64::MAX` since before it was numbered (then every journal block holding it records a
+    /// watermark at or above it). Ops acknowledged under a lower limit may be lost (the journal's
+    /// watermark is capped by the limit; a replication master relies on its slave for them).
+    guaranteed_op: u64,
+    /// Ops numbered after this, while the commit limit stays `u64::MAX`, are guaranteed once
+    /// acknowledged; `None` while the limit is lower.
+    limit_max_since: Option<u64>,
+    /// Bound on every watermark a journal block may record: the highest `min(last op given out,
+    /// max(commit limit, committed op))` seen while blocks could be sealed. Recovery must not go
+    /// above it (a master must not resurrect ops its slave may not have committed).
+    watermark_ceiling: u64,
     /// Every write acknowledged before a successful flush was submitted is at or below this.
     flushed_op: u64,
     errored_ops: BTreeSet<u64>,
@@ -961,6 +1043,17 @@ struct Simulation {
     /// dropped, which a power cut may still bring back while the discard is not durable (and damage to
     /// a block in the durable tail of the log even after).
     undiscarded: Option<Undiscarded>,
+    /// A catch-up episode is on: write-likes become catch-up items (`apply_catch_up`), whose ops may
+    /// skip ahead or repeat the previous item's, until `finish_catch_up`.
+    catching_up: bool,
+    /// Applied requests given to the copy since it was opened (see `Outstanding::applied_slot`).
+    applied_count: u16,
+    /// The op of the newest catch-up item while no later note may have completed it.
+    open_item: Option<u64>,
+    /// Bytes of the items of `open_item`'s op.
+    open_item_bytes: u64,
+    sources: Vec<SimSource>,
+    next_source_id: u64,
     stats: SimStats,
     /// Prints what happens (`FERROBLOCK_SIM_TRACE=1`, with `FERROBLOCK_SIM_SEED`).
     trace: bool,
@@ -1020,6 +1113,9 @@ impl Simulation {
             next_request: 1,
             numbered_op: 0,
             acknowledged_op: 0,
+            guaranteed_op: 0,
+            limit_max_since: Some(0),
+            watermark_ceiling: 0,
             flushed_op: 0,
             errored_ops: BTreeSet::new(),
             power_cut_at_step: None,
@@ -1027,6 +1123,12 @@ impl Simulation {
             replication_rng: Rng::new(seed ^ 0x4E50_11CA_7E00_0000),
             commit_limit: u64::MAX,
             undiscarded: None,
+            catching_up: false,
+            applied_count: 0,
+            open_item: None,
+            open_item_bytes: 0,
+            sources: Vec::new(),
+            next_source_id: 1,
             stats: SimStats {
                 seeds: 1,
                 ..SimStats::default()
@@ -1090,11 +1192,17 @@ impl Simulation {
                 }
                 let request = self.random_request();
                 match self.as_applied_note(request) {
-                    Ok(note) => self.call(Call::Apply(note)),
+                    Ok(call) => self.call(call),
                     Err(request) => self.call(Call::Submit(request)),
                 }
             }
             if self.replication {
+                // Catch-up episodes: write-likes become catch-up items until a finish.
+                if !self.catching_up && self.replication_rng.chance(1, 30) {
+                    self.catching_up = true;
+                } else if self.catching_up && self.replication_rng.chance(1, 10) {
+                    self.finish_catch_up();
+                }
                 if self.replication_rng.chance(1, 12) {
                     let committed = self.copy.committed_op();
                     let limit = if self.replication_rng.chance(1, 3) {
@@ -1113,6 +1221,9 @@ impl Simulation {
                     self.call(Call::Discard);
                 }
             }
+            if self.replication {
+                self.step_sources();
+            }
             self.call(Call::EndIteration);
             let cut_due = self.power_cut_at_step.is_some_and(|at| step >= at);
             if cut_due || self.rng.chance(1, self.config.power_cut_one_in) {
@@ -1128,42 +1239,304 @@ impl Simulation {
 
     /// In replication seeds, turns some write-like requests into notes applied as a slave does (when
     /// only applied notes wait for an op: a slave has no host writes, and its next op is the note's).
-    fn as_applied_note(&mut self, request: IoRequest) -> Result<NoteMessage, IoRequest> {
+    fn as_applied_note(&mut self, request: IoRequest) -> Result<Call, IoRequest> {
         let id = request_of(request.origin);
+        self.sync_open_item();
         let convert = self.replication
             && is_write_like(request.kind)
             && !request.flags.contains(IoFlags::NO_HOLE)
-            && self.replication_rng.chance(1, 3)
+            && (self.catching_up || self.replication_rng.chance(1, 3))
             && self
                 .unnumbered
                 .iter()
                 .all(|waiting| *waiting == id || self.outstanding[waiting].applied.is_some());
         if !convert {
+            if is_write_like(request.kind) && self.open_item.is_some() {
+                // A catching-up peer takes no host writes: finish first (else the host write would
+                // complete the open op only once it gets data space, which the op may hold).
+                self.unnumbered.retain(|&waiting| waiting != id);
+                self.finish_catch_up();
+                self.unnumbered.push_back(id);
+                self.open_item = None;
+            }
             return Err(request);
         }
-        let op = self.numbered_op + self.unnumbered.len() as u64;
-        sim_assert!(
-            self,
-            op == self.copy.next_op(),
-            "the copy expects op {} for the next applied note, the model {op}",
-            self.copy.next_op()
-        );
-        self.outstanding
-            .get_mut(&id)
-            .expect("just submitted")
-            .applied = Some(op);
+        let next_op = self.expected_next_op(id);
+        let (op, catch_up) = if self.catching_up {
+            match self.open_item {
+                // Every item of one op must fit the free space at once: a few only.
+                Some(open)
+                    if self.open_item_bytes + u64::from(request.length)
+                        <= self.config.data_slack_bytes / 2
+                        && self.replication_rng.chance(1, 3) =>
+                {
+                    self.stats.catch_up_same_op += 1;
+                    (open, true)
+                }
+                _ => {
+                    let skip = self.replication_rng.pick(&[0, 0, 1, 3]);
+                    self.stats.catch_up_ops_skipped += skip;
+                    (next_op + skip, true)
+                }
+            }
+        } else {
+            (next_op, false)
+        };
+        if self.open_item.is_some_and(|open| !catch_up || op > open) {
+            self.end_open_item(id);
+        }
+        if !catch_up || self.open_item != Some(op) {
+            self.open_item_bytes = 0;
+        }
+        self.open_item_bytes += u64::from(request.length);
+        self.open_item = catch_up.then_some(op);
+        let request_state = self.outstanding.get_mut(&id).expect("just submitted");
+        request_state.applied = Some(op);
+        request_state.catch_up = catch_up;
+        request_state.applied_slot = self.applied_count;
+        self.applied_count = self.applied_count.wrapping_add(1);
         let kind = match request.kind {
             IoKind::Write => replication::NoteKind::Write,
             IoKind::Trim => replication::NoteKind::Trim,
             _ => replication::NoteKind::Zero,
         };
-        Ok(NoteMessage {
+        let note = NoteMessage {
             op,
             kind,
             offset: request.offset,
             length: u64::from(request.length),
             data: request.buf.as_slice().to_vec(),
+        };
+        Ok(if catch_up {
+            Call::CatchUp(note)
+        } else {
+            Call::Apply(note)
         })
+    }
+
+    /// The op the copy gives the next applied note, by the model (checked against the copy's
+    /// `next_op`): one past the last numbered op, or past the requests waiting for one (`except`
+    /// just became one of them).
+    fn expected_next_op(&mut self, except: u64) -> u64 {
+        let mut next = self.numbered_op + 1;
+        for waiting in &self.unnumbered {
+            let request = &self.outstanding[waiting];
+            if *waiting == except {
+                continue;
+            }
+            next = match request.applied {
+                Some(op) if request.catch_up => op + 1,
+                _ => next + 1,
+            };
+        }
+        sim_assert!(
+            self,
+            next == self.copy.next_op(),
+            "the copy expects op {} for the next applied note, the model {next}",
+            self.copy.next_op()
+        );
+        next
+    }
+
+    /// Catch-up sources: started now and then (at most two at once) from a random base at or below
+    /// the watermark, polled every iteration with a random budget, stopped at random; each item is
+    /// checked (op order, op in `(base, through]`, kind and data length) and applied to the model's
+    /// state at `base`; at `End` that state must be exactly the model's state at `through`, the
+    /// source's snapshot, although host writes and commits went on meanwhile (so the space the
+    /// snapshot refers to was not reused: the device also checks that no write overlaps a read).
+    fn step_sources(&mut self) {
+        let sectors = self.superblock.volume_size / SECTOR;
+        if self.sources.len() < 2 && self.replication_rng.chance(1, 40) {
+            let committed = self.copy.committed_op();
+            let base = match self.replication_rng.below(4) {
+                0 => 0,
+                1 => committed,
+                _ => committed.saturating_sub(self.replication_rng.below(40)),
+            };
+            let id = self.next_source_id;
+            self.next_source_id += 1;
+            let through = self.copy.start_catch_up_source(id, base);
+            sim_assert!(
+                self,
+                through == committed,
+                "source snapshot at {through}, watermark {committed}"
+            );
+            let state_at = |op: u64| -> Vec<Observed> {
+                (0..sectors)
+                    .map(|sector| self.model.value_at(sector, op).reads_as())
+                    .collect()
+            };
+            let source = SimSource {
+                id,
+                base,
+                through,
+                expected: state_at(through),
+                state: state_at(base),
+                last_op: base,
+            };
+            self.sources.push(source);
+            self.stats.sources_started += 1;
+        }
+        let mut index = 0;
+        while index < self.sources.len() {
+            let id = self.sources[index].id;
+            if self.copy.catch_up_source_error(id).is_some() || self.replication_rng.chance(1, 300)
+            {
+                self.copy.stop_catch_up_source(id);
+                self.sources.remove(index);
+                self.stats.sources_stopped += 1;
+                continue;
+            }
+            let budget = self.replication_rng.pick(&[512, 8192, 1 << 20]) as usize;
+            let mut out = Vec::new();
+            self.copy
+                .poll_catch_up_source(id, &mut out, budget, &mut self.device, &mut self.done);
+            if let Some(violation) = self.device.violation.take() {
+                self.fail(format!("device contract: {violation}"));
+            }
+            sim_assert!(
+                self,
+                self.done.is_empty(),
+                "a source poll completed host requests"
+            );
+            let mut ended = false;
+            for item in out {
+                sim_assert!(self, !ended, "source {id}: an item after End");
+                match item {
+                    replication::CatchUpItem::Extent(note) => {
+                        self.stats.source_items += 1;
+                        self.check_source_item(index, &note);
+                    }
+                    replication::CatchUpItem::End => {
+                        ended = true;
+                        let source = &self.sources[index];
+                        if let Some(sector) = (0..sectors as usize)
+                            .find(|&sector| source.state[sector] != source.expected[sector])
+                        {
+                            self.fail(format!(
+                                "source {id} (base {}, through {}): after its items sector {sector} \
+                                 reads {:?}, the snapshot has {:?}",
+                                source.base, source.through, source.state[sector], source.expected[sector]
+                            ));
+                        }
+                    }
+                }
+            }
+            if ended {
+                self.sources.remove(index);
+                self.stats.sources_verified += 1;
+            } else {
+                index += 1;
+            }
+        }
+    }
+
+    fn check_source_item(&mut self, index: usize, note: &NoteMessage) {
+        let source = &self.sources[index];
+        let volume = self.superblock.volume_size;
+        let well_formed = note.op > source.base
+            && note.op <= source.through
+            && note.op >= source.last_op
+            && note.length > 0
+            && note.length <= crate::replication::wire::NOTE_DATA_MAX as u64
+            && note.offset.is_multiple_of(SECTOR)
+            && note.length.is_multiple_of(SECTOR)
+            && note.offset + note.length <= volume
+            && match note.kind {
+                replication::NoteKind::Write => note.data.len() as u64 == note.length,
+                replication::NoteKind::Zero => note.data.is_empty(),
+                replication::NoteKind::Trim => false,
+            };
+        if !well_formed {
+            self.fail(format!(
+                "source {} (base {}, through {}, last op {}): bad item op {} {:?} {}+{} with {} data \
+                 bytes",
+                source.id,
+                source.base,
+                source.through,
+                source.last_op,
+                note.op,
+                note.kind,
+                note.offset,
+                note.length,
+                note.data.len()
+            ));
+        }
+        let seed = self.seed;
+        let source = &mut self.sources[index];
+        source.last_op = note.op;
+        let first = note.offset / SECTOR;
+        for index in 0..note.length / SECTOR {
+            let sector = first + index;
+            source.state[sector as usize] = match note.kind {
+                replication::NoteKind::Write => {
+                    let at = (index * SECTOR) as usize;
+                    observe(seed, sector, &note.data[at..at + SECTOR_BYTES])
+                }
+                _ => Observed::Zeros,
+            };
+        }
+    }
+
+    /// The open catch-up op as the copy sees it (an item a failed copy refused opened none).
+    fn sync_open_item(&mut self) {
+        let open = self.copy.catch_up_op_open();
+        if open != self.open_item {
+            self.open_item = open;
+            self.open_item_bytes = u64::MAX / 2; // unknown: no more items of it
+        }
+    }
+
+    /// The copy writes a zero-length note that completes the open catch-up op before a note of a
+    /// later op (request `before`, the newest unnumbered one): the model has it as a request of its
+    /// own, numbered before `before`.
+    fn end_open_item(&mut self, before: u64) {
+        let Some(open) = self.open_item.take() else {
+            return;
+        };
+        let request = self.new_request(IoKind::Trim, IoFlags::empty(), 0, 0);
+        let id = request_of(request.origin);
+        let back = self.unnumbered.pop_back();
+        debug_assert_eq!(back, Some(id));
+        let position = self
+            .unnumbered
+            .iter()
+            .position(|&waiting| waiting == before)
+            .expect("the request waits for an op");
+        self.unnumbered.insert(position, id);
+        let request_state = self.outstanding.get_mut(&id).expect("just made");
+        request_state.applied = Some(open);
+        request_state.catch_up = true;
+        request_state.applied_slot = self.applied_count;
+        self.applied_count = self.applied_count.wrapping_add(1);
+    }
+
+    /// Ends a catch-up episode: `finish_catch_up` through the open item's op (completing it) or
+    /// beyond (a jump), as a request of its own (zero-length, no effect on the model).
+    fn finish_catch_up(&mut self) {
+        self.sync_open_item();
+        if !self
+            .unnumbered
+            .iter()
+            .all(|waiting| self.outstanding[waiting].applied.is_some())
+        {
+            return; // a host write waits for an op: it would complete the open op instead
+        }
+        self.catching_up = false;
+        let open = self.open_item.take();
+        let request = self.new_request(IoKind::Trim, IoFlags::empty(), 0, 0);
+        let id = request_of(request.origin);
+        let next_op = self.expected_next_op(id);
+        let through = match open {
+            Some(open) if self.replication_rng.chance(1, 2) => open,
+            _ => next_op + self.replication_rng.pick(&[0, 1, 4]),
+        };
+        let request_state = self.outstanding.get_mut(&id).expect("just made");
+        request_state.applied = Some(through);
+        request_state.catch_up = true;
+        request_state.applied_slot = self.applied_count;
+        self.applied_count = self.applied_count.wrapping_add(1);
+        self.call(Call::Finish(through));
     }
 
     /// The request a completion belongs to: by its origin, or for an applied note by the op its
@@ -1179,6 +1552,7 @@ impl Simulation {
                 request
                     .applied
                     .is_some_and(|op| op as u32 == completion.origin.generation)
+                    && request.applied_slot == completion.origin.slot
                     && request.dropped == fenced
             })
             .map(|(id, _)| *id)
@@ -1284,8 +1658,10 @@ impl Simulation {
                 effect,
                 op: None,
                 committed_at_submission: stats.committed_op,
-                acknowledged_at_submission: self.acknowledged_op,
+                guaranteed_at_submission: self.guaranteed_op,
                 applied: None,
+                catch_up: false,
+                applied_slot: 0,
                 dropped: false,
             },
         );
@@ -1315,6 +1691,7 @@ impl Simulation {
         let before = self.copy.stats();
         let completing = matches!(call, Call::Complete { .. });
         let discarding = matches!(call, Call::Discard);
+        let mut limit_during = self.commit_limit;
         match call {
             Call::Submit(request) => self.copy.submit(request, &mut self.device, &mut self.done),
             Call::Apply(note) => {
@@ -1324,7 +1701,25 @@ impl Simulation {
                     self.fail(format!("applying note {op} was refused: {error}"));
                 }
             }
+            Call::CatchUp(item) => {
+                self.stats.catch_up_items += 1;
+                let op = item.op;
+                if let Err(error) = self
+                    .copy
+                    .apply_catch_up(item, &mut self.device, &mut self.done)
+                {
+                    self.fail(format!("catch-up item {op} was refused: {error}"));
+                }
+            }
+            Call::Finish(through) => {
+                self.stats.catch_up_finishes += 1;
+                self.copy
+                    .finish_catch_up(through, &mut self.device, &mut self.done);
+            }
             Call::SetCommitLimit(limit) => {
+                limit_during = limit_during.max(limit);
+                // Recovery ignores the limit (durable => committed): acknowledged ops survive
+                // whatever the limit was.
                 self.commit_limit = limit;
                 self.copy
                     .set_commit_limit(limit, &mut self.device, &mut self.done);
@@ -1353,11 +1748,8 @@ impl Simulation {
             after.committed_op,
             self.commit_limit
         );
-        let mut numbered = if discarding {
-            0
-        } else {
-            after.next_op - before.next_op
-        };
+        // Each note created took the op of the oldest unnumbered request not refused.
+        let mut numbered = after.notes_created - before.notes_created;
         sim_assert!(
             self,
             after.committed_op < after.next_op,
@@ -1386,8 +1778,11 @@ impl Simulation {
             let is_refused = refused.contains(&id);
             if !kept.is_empty() && (is_refused || numbered > 0) {
                 self.fail(format!(
-                    "request {id} was started or refused while an older one ({}) still waits",
-                    kept[0]
+                    "request {id} was started or refused while an older one ({}) still waits \
+                     (refused {refused:?}, {:?}, {:?})",
+                    kept[0],
+                    self.outstanding.get(&id),
+                    self.outstanding.get(&kept[0])
                 ));
             }
             if is_refused {
@@ -1398,13 +1793,22 @@ impl Simulation {
                 continue;
             }
             numbered -= 1;
-            self.numbered_op += 1;
-            let op = self.numbered_op;
             let request = self
                 .outstanding
                 .get_mut(&id)
                 .expect("unnumbered is outstanding");
+            let op = match request.applied {
+                Some(op) if request.catch_up => op,
+                _ => self.numbered_op + 1,
+            };
+            let applied = request.applied;
             request.op = Some(op);
+            if applied.is_some_and(|applied| applied != op) {
+                self.fail(format!(
+                    "request {id} applied as op {applied:?} took op {op}"
+                ));
+            }
+            self.numbered_op = op;
             if request.applied.is_none() {
                 created.push((op, id));
             }
@@ -1427,6 +1831,10 @@ impl Simulation {
             self.numbered_op,
             after.next_op
         );
+        // Any block sealed during the call recorded at most this watermark.
+        let numbered_during = self.numbered_op.max(before.next_op - 1);
+        let _ = limit_during;
+        self.watermark_ceiling = self.watermark_ceiling.max(numbered_during);
         for completion in completions {
             self.on_completion(completion, after.committed_op);
         }
@@ -1499,6 +1907,8 @@ impl Simulation {
             }
         }
         self.unnumbered.clear();
+        self.catching_up = false;
+        self.open_item = None;
         self.model.truncate(committed);
         self.numbered_op = committed;
         self.errored_ops.retain(|&errored| errored <= committed);
@@ -1558,9 +1968,11 @@ impl Simulation {
                         "op {op} acknowledged {length} bytes of {}",
                         request.length
                     );
+                    // Catch-up ops may skip ahead, and several notes may share one.
                     sim_assert!(
                         self,
-                        op == self.acknowledged_op + 1,
+                        op == self.acknowledged_op + 1
+                            || request.catch_up && op >= self.acknowledged_op,
                         "op {op} acknowledged out of order (last acknowledged {})",
                         self.acknowledged_op
                     );
@@ -1575,6 +1987,11 @@ impl Simulation {
                         "op {op} got an error, then an acknowledgement"
                     );
                     self.acknowledged_op = op;
+                    if self.limit_max_since.is_some_and(|since| op > since) {
+                        self.guaranteed_op = op;
+                    } else {
+                        self.stats.acknowledged_under_limit += 1;
+                    }
                     self.stats.acknowledged += 1;
                     // Its block is durable and of the incarnation after any discard: the notes the
                     // discard dropped are void for every later recovery.
@@ -1616,7 +2033,7 @@ impl Simulation {
                 self.stats.flushes += 1;
                 match completion.result {
                     Ok(_) => {
-                        self.flushed_op = self.flushed_op.max(request.acknowledged_at_submission)
+                        self.flushed_op = self.flushed_op.max(request.guaranteed_at_submission)
                     }
                     Err(error) => sim_assert!(
                         self,
@@ -1757,10 +2174,10 @@ impl Simulation {
             Err(_) => self.stats.corruptions_detected += 1,
             Ok(recovered) => {
                 let op = recovered.committed_op;
-                let verdict = if op < self.acknowledged_op && !in_durable_tail {
+                let verdict = if op < self.guaranteed_op && !in_durable_tail {
                     Err(format!(
                         "recovered only through op {op}, below acknowledged op {}",
-                        self.acknowledged_op
+                        self.guaranteed_op
                     ))
                 } else if op > self.numbered_op {
                     Err(format!(
@@ -1794,7 +2211,7 @@ impl Simulation {
                         header.seq
                     ));
                 }
-                if op < self.acknowledged_op {
+                if op < self.guaranteed_op {
                     self.stats.corruptions_in_durable_tail += 1;
                 } else {
                     self.stats.corruptions_harmless += 1;
@@ -1890,10 +2307,20 @@ impl Simulation {
         }
         sim_assert!(
             self,
-            op >= self.acknowledged_op,
-            "recovered through op {op}, but op {} was acknowledged",
-            self.acknowledged_op
+            op >= self.guaranteed_op,
+            "recovered through op {op}, but op {} was acknowledged (under no commit limit)",
+            self.guaranteed_op
         );
+        sim_assert!(
+            self,
+            op <= self.watermark_ceiling,
+            "recovered through op {op}, above every watermark a block could record ({}): the commit \
+             limit was not respected",
+            self.watermark_ceiling
+        );
+        if op < self.acknowledged_op {
+            self.stats.acknowledged_lost_under_limit += 1;
+        }
         sim_assert!(
             self,
             op >= self.flushed_op,
@@ -1966,11 +2393,18 @@ impl Simulation {
         self.unnumbered.clear();
         self.numbered_op = op;
         self.acknowledged_op = op;
+        self.guaranteed_op = op;
+        self.limit_max_since = Some(op);
+        self.watermark_ceiling = op;
         self.flushed_op = self.flushed_op.min(op);
         self.errored_ops.retain(|&errored| errored <= op);
         self.power_cut_at_step = None;
         self.device.faults = self.arm_faults();
         self.commit_limit = u64::MAX;
+        self.catching_up = false;
+        self.open_item = None;
+        self.applied_count = 0;
+        self.sources.clear();
         if self.replication {
             self.copy.set_note_outbox(true);
         }
@@ -1984,8 +2418,17 @@ impl Simulation {
 
     /// Liveness: with no new requests, every outstanding request completes.
     fn drain(&mut self) {
+        // Running sources hold space in limbo: end them (nothing else does at the end).
+        for source in std::mem::take(&mut self.sources) {
+            self.copy.stop_catch_up_source(source.id);
+        }
         if self.commit_limit != u64::MAX {
             self.call(Call::SetCommitLimit(u64::MAX));
+        }
+        // An open catch-up op commits only once something completes it.
+        self.sync_open_item();
+        if self.catching_up || self.open_item.is_some() {
+            self.finish_catch_up();
         }
         let mut idle_iterations = 0;
         for _ in 0..DRAIN_ITERATIONS_MAX {
@@ -2290,6 +2733,7 @@ fn recovery_detects_damage_vouched_for_by_the_furthest_block_in_flight() {
             kind: NoteKind::Zero,
             piece_index: 0,
             piece_count: 1,
+            catch_up: false,
         };
         format::put_note(&mut block, 0, &note);
         let durable_before = if seq < damaged_seq + JOURNAL_BLOCKS_IN_FLIGHT_MAX {
@@ -2483,4 +2927,231 @@ fn replication_operations_in_small() {
             Location::Zero => panic!("data"),
         }) as usize;
     assert!(device.durable[at..at + 4096].iter().all(|&byte| byte == 4));
+}
+
+/// Catch-up apply in small: jumps, several items of one op, the refusals, a finish jump, and what
+/// recovery makes of it (the op of the last item commits only once completed).
+#[test]
+fn catch_up_apply_in_small() {
+    use crate::volume::copy::ApplyError;
+
+    let superblock = Superblock {
+        volume_id: 6,
+        name: "catch-up".to_owned(),
+        volume_size: 64 << 10,
+        journal_offset: JOURNAL_BLOCK_BYTES as u64,
+        journal_bytes: 64 * JOURNAL_BLOCK_BYTES as u64,
+        data_offset: 65 * JOURNAL_BLOCK_BYTES as u64,
+        data_bytes: 128 << 10,
+    };
+    let mut device = SimDevice::new(
+        vec![0u8; superblock.store_bytes() as usize],
+        superblock.journal_offset,
+        64,
+        Rng::new(2),
+    );
+    let mut copy = VolumeCopy::new(
+        superblock.clone(),
+        Recovered::empty(),
+        Allocator::new(superblock.data_bytes),
+        Durability::Fdatasync,
+    );
+    let mut done = VecDeque::new();
+    let settle =
+        |copy: &mut VolumeCopy, device: &mut SimDevice, done: &mut VecDeque<IoCompletion>| {
+            for _ in 0..8 {
+                copy.end_iteration(device, done);
+                while let Some((tag, result)) = device.complete_random() {
+                    copy.complete(tag, result, device, done);
+                }
+            }
+        };
+    let item = |op: u64, offset: u64, byte: u8| NoteMessage {
+        op,
+        kind: replication::NoteKind::Write,
+        offset,
+        length: 4096,
+        data: vec![byte; 4096],
+    };
+    // Op 5 (skipping 1..=4) in two items; it is open: not committed, not in a block's watermark.
+    copy.apply_catch_up(item(5, 0, 5), &mut device, &mut done)
+        .expect("a jump");
+    copy.apply_catch_up(item(5, 8192, 6), &mut device, &mut done)
+        .expect("the same op");
+    settle(&mut copy, &mut device, &mut done);
+    assert_eq!(copy.committed_op(), 0, "op 5 may still get items");
+    assert_eq!(copy.catch_up_op_open(), Some(5));
+    assert_eq!(
+        copy.apply_catch_up(item(4, 0, 4), &mut device, &mut done),
+        Err(ApplyError::OutOfOrder {
+            expected: 6,
+            got: 4
+        })
+    );
+    // Op 9 completes op 5 (a zero-length note of op 5 goes first).
+    copy.apply_catch_up(item(9, 4096, 9), &mut device, &mut done)
+        .expect("a later op");
+    settle(&mut copy, &mut device, &mut done);
+    assert_eq!(copy.committed_op(), 5);
+    assert_eq!(
+        copy.apply_catch_up(item(5, 0, 5), &mut device, &mut done),
+        Err(ApplyError::OutOfOrder {
+            expected: 10,
+            got: 5
+        }),
+        "op 5 is complete"
+    );
+    // Finish through 12: a jump; then notes go on at 13.
+    copy.finish_catch_up(12, &mut device, &mut done);
+    settle(&mut copy, &mut device, &mut done);
+    assert_eq!((copy.committed_op(), copy.next_op()), (12, 13));
+    copy.finish_catch_up(11, &mut device, &mut done); // nothing open, nothing to do
+    assert_eq!(copy.next_op(), 13);
+    assert_eq!(
+        done.iter()
+            .filter(|completion| completion.result.is_ok())
+            .count(),
+        5,
+        "three items, two zero-length notes (ending op 5; the jump to 12, which ends op 9)"
+    );
+    copy.apply_note(
+        NoteMessage {
+            op: 13,
+            ..item(13, 12288, 13)
+        },
+        &mut device,
+        &mut done,
+    )
+    .expect("in order after the finish");
+    // An open op at a power cut is not recovered: op 14 in one item, not completed.
+    copy.apply_catch_up(item(14, 16384, 14), &mut device, &mut done)
+        .expect("a catch-up item after a note");
+    settle(&mut copy, &mut device, &mut done);
+    assert_eq!(copy.committed_op(), 13);
+    device.power_cut();
+    let recovered = recover_image(&superblock, &device.durable).expect("recovers");
+    assert_eq!(recovered.committed_op, 13);
+    let ops: Vec<(u64, u64)> = recovered
+        .map
+        .iter()
+        .map(|extent| (extent.offset, extent.op))
+        .collect();
+    assert_eq!(ops, vec![(0, 5), (4096, 9), (8192, 5), (12288, 13)]);
+}
+
+/// Catch-up source in small: one item per op over its extents' span (with a later op's data in
+/// between), zero ranges as `Zero`, a base that leaves out earlier ops, an op spanning more than
+/// `NOTE_DATA_MAX` sent per extent, and `End`.
+#[test]
+fn catch_up_source_in_small() {
+    const MIB: u64 = 1 << 20;
+    let superblock = Superblock {
+        volume_id: 7,
+        name: "source".to_owned(),
+        volume_size: 48 * MIB,
+        journal_offset: JOURNAL_BLOCK_BYTES as u64,
+        journal_bytes: 64 * JOURNAL_BLOCK_BYTES as u64,
+        data_offset: 65 * JOURNAL_BLOCK_BYTES as u64,
+        data_bytes: 128 << 10,
+    };
+    let mut device = SimDevice::new(
+        vec![0u8; superblock.store_bytes() as usize],
+        superblock.journal_offset,
+        64,
+        Rng::new(3),
+    );
+    let mut copy = VolumeCopy::new(
+        superblock.clone(),
+        Recovered::empty(),
+        Allocator::new(superblock.data_bytes),
+        Durability::Dsync,
+    );
+    let mut done = VecDeque::new();
+    let settle =
+        |copy: &mut VolumeCopy, device: &mut SimDevice, done: &mut VecDeque<IoCompletion>| {
+            for _ in 0..8 {
+                copy.end_iteration(device, done);
+                while let Some((tag, result)) = device.complete_random() {
+                    copy.complete(tag, result, device, done);
+                }
+            }
+        };
+    let request = |kind: IoKind, offset: u64, length: u32, byte: u8| {
+        let mut buf = AlignedBuf::empty();
+        if kind == IoKind::Write {
+            buf = AlignedBuf::with_capacity(length as usize);
+            buf.set_len(length as usize);
+            buf.as_mut_slice().fill(byte);
+        }
+        IoRequest {
+            volume: 0,
+            kind,
+            flags: IoFlags::empty(),
+            offset,
+            length,
+            buf,
+            origin: origin_of(u64::from(byte)),
+        }
+    };
+    for (kind, offset, length, byte) in [
+        (IoKind::Write, 0, 4096, 1),                 // op 1: [0, 4096)
+        (IoKind::Write, 1024, 1024, 2),              // op 2: splits op 1
+        (IoKind::Trim, 8192, 4096, 3),               // op 3: zeros
+        (IoKind::Trim, 8 * MIB, 40 * MIB as u32, 4), // op 4: 40 MiB of zeros
+        (IoKind::Write, 20 * MIB, 4096, 5),          // op 5: splits op 4
+    ] {
+        copy.submit(request(kind, offset, length, byte), &mut device, &mut done);
+        settle(&mut copy, &mut device, &mut done);
+    }
+    assert_eq!(copy.committed_op(), 5);
+    let collect = |copy: &mut VolumeCopy,
+                   device: &mut SimDevice,
+                   done: &mut VecDeque<IoCompletion>,
+                   id: u64| {
+        let mut items = Vec::new();
+        for _ in 0..16 {
+            copy.poll_catch_up_source(id, &mut items, 1, device, done);
+            settle(copy, device, done);
+        }
+        items
+    };
+    assert_eq!(copy.start_catch_up_source(1, 0), 5);
+    // Host writes go on while the source runs: op 6 overwrites op 1's data, not the snapshot.
+    copy.submit(request(IoKind::Write, 0, 4096, 6), &mut device, &mut done);
+    let items = collect(&mut copy, &mut device, &mut done, 1);
+    let mut op1 = vec![1u8; 4096];
+    op1[1024..2048].fill(2);
+    let extent = |op, kind, offset, length, data: Vec<u8>| {
+        replication::CatchUpItem::Extent(NoteMessage {
+            op,
+            kind,
+            offset,
+            length,
+            data,
+        })
+    };
+    let (write, zero) = (replication::NoteKind::Write, replication::NoteKind::Zero);
+    assert_eq!(
+        items,
+        vec![
+            extent(1, write, 0, 4096, op1),
+            extent(2, write, 1024, 1024, vec![2; 1024]),
+            extent(3, zero, 8192, 4096, vec![]),
+            extent(4, zero, 8 * MIB, 12 * MIB, vec![]),
+            extent(4, zero, 20 * MIB + 4096, 28 * MIB - 4096, vec![]),
+            extent(5, write, 20 * MIB, 4096, vec![5; 4096]),
+            replication::CatchUpItem::End,
+        ]
+    );
+    // From base 4: op 5 and op 6 (committed since).
+    assert_eq!(copy.start_catch_up_source(2, 4), 6);
+    let items = collect(&mut copy, &mut device, &mut done, 2);
+    assert_eq!(
+        items,
+        vec![
+            extent(5, write, 20 * MIB, 4096, vec![5; 4096]),
+            extent(6, write, 0, 4096, vec![6; 4096]),
+            replication::CatchUpItem::End,
+        ]
+    );
 }
