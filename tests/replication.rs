@@ -4,12 +4,9 @@
 
 mod common;
 
-use std::io::{Read, Write};
-use std::net::{Shutdown, TcpListener, TcpStream};
+use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -312,54 +309,52 @@ fn master_killed_mid_write_loses_no_acknowledged_write() {
     );
 }
 
-/// A TCP proxy the test can cut: `cut` stalls both directions without closing (a partition).
+const PROXY: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/cut_proxy.py");
+
+/// A TCP proxy the test can cut (tests/cut_proxy.py): while cut, bytes vanish in both directions and
+/// the connections stay open, as in a partition.
 struct Proxy {
     address: String,
-    cut: Arc<AtomicBool>,
+    cut_file: PathBuf,
+    child: std::process::Child,
 }
 
 impl Proxy {
-    fn start(target: String) -> Proxy {
-        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-        let address = listener.local_addr().unwrap().to_string();
-        let cut = Arc::new(AtomicBool::new(false));
-        let cut_flag = cut.clone();
-        thread::spawn(move || {
-            for client in listener.incoming() {
-                let Ok(client) = client else { return };
-                let Ok(server) = TcpStream::connect(&target) else {
-                    continue;
-                };
-                // As the peers do: small frames must not wait for Nagle.
-                let _ = client.set_nodelay(true);
-                let _ = server.set_nodelay(true);
-                for (mut from, mut to) in [
-                    (client.try_clone().unwrap(), server.try_clone().unwrap()),
-                    (server, client),
-                ] {
-                    let cut = cut_flag.clone();
-                    thread::spawn(move || {
-                        let mut buf = [0u8; 65536];
-                        loop {
-                            match from.read(&mut buf) {
-                                Ok(0) | Err(_) => break,
-                                Ok(n) => {
-                                    // A partition: bytes vanish, nobody is told.
-                                    if cut.load(Ordering::SeqCst) {
-                                        continue;
-                                    }
-                                    if to.write_all(&buf[..n]).is_err() {
-                                        break;
-                                    }
-                                }
-                            }
-                        }
-                        let _ = to.shutdown(Shutdown::Write);
-                    });
-                }
-            }
-        });
-        Proxy { address, cut }
+    fn start(dir: &Path, target_port: u16) -> Proxy {
+        let port = free_base_port();
+        let cut_file = dir.join("proxy.cut");
+        let ready = dir.join("proxy.ready");
+        let child = Command::new("python3")
+            .args([PROXY, &port.to_string(), &target_port.to_string()])
+            .arg(&cut_file)
+            .arg(&ready)
+            .spawn()
+            .expect("start the proxy");
+        let deadline = Instant::now() + WAIT;
+        while !ready.exists() {
+            assert!(Instant::now() < deadline, "the proxy did not start");
+            thread::sleep(Duration::from_millis(10));
+        }
+        Proxy {
+            address: format!("127.0.0.1:{port}"),
+            cut_file,
+            child,
+        }
+    }
+
+    fn cut(&self, cut: bool) {
+        if cut {
+            std::fs::write(&self.cut_file, b"").unwrap();
+        } else {
+            std::fs::remove_file(&self.cut_file).unwrap();
+        }
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }
 
@@ -369,7 +364,7 @@ fn a_cut_link_leaves_exactly_one_node_serving() {
     // n2 reaches n1's replication port through the proxy (the slave connects to the master).
     let text = std::fs::read_to_string(&cluster.config).unwrap();
     let n1_replication = format!("127.0.0.1:{}", cluster.base_port + 100);
-    let proxy = Proxy::start(n1_replication.clone());
+    let proxy = Proxy::start(cluster._dir.path(), cluster.base_port + 100);
     let n2_config = cluster.config.with_file_name("cluster-n2.toml");
     std::fs::write(
         &n2_config,
@@ -385,7 +380,7 @@ fn a_cut_link_leaves_exactly_one_node_serving() {
     qemu_io(&cluster.uri("n1"), &["write -P 0xd1 0 256k"]);
     cluster.wait_in_sync();
 
-    proxy.cut.store(true, Ordering::SeqCst);
+    proxy.cut(true);
     // The master's lease runs out first: it goes on alone; the slave's takeover then loses the
     // compare-and-swap and it stops being a candidate.
     cluster.wait_roles("solo-master", "catching-up");
@@ -396,7 +391,7 @@ fn a_cut_link_leaves_exactly_one_node_serving() {
     qemu_io_refused(&cluster.uri("n2"));
 
     // Healed: the dropped peer catches up and they pair again.
-    proxy.cut.store(false, Ordering::SeqCst);
+    proxy.cut(false);
     cluster.wait_roles("master", "slave");
     cluster.wait_in_sync();
     qemu_io(&cluster.uri("n1"), &["read -P 0xd2 1M 256k"]);

@@ -47,6 +47,8 @@ pub trait ReplicaStore {
     fn start_catch_up_source(&mut self, id: u64, base: u64) -> u64;
     fn poll_catch_up_source(&mut self, id: u64, out: &mut Vec<CatchUpItem>, budget_bytes: usize);
     fn stop_catch_up_source(&mut self, id: u64);
+    /// Whether a source stopped on a read error (it produces nothing more, not even `End`).
+    fn catch_up_source_failed(&self, id: u64) -> bool;
     fn apply_catch_up_extent(&mut self, extent: NoteMessage);
     fn finish_catch_up(&mut self, through: u64);
     /// Whether host writes are accepted and until when reads are served (`None`: not at all).
@@ -356,9 +358,19 @@ impl ReplicationHub {
             }
             for source in self.volumes[index].sources.clone() {
                 let mut items = std::mem::take(&mut self.items);
+                let mut failed = false;
                 stores.with(volume, &mut |store| {
                     store.poll_catch_up_source(source, &mut items, CATCH_UP_BYTES_PER_ITERATION);
+                    failed = store.catch_up_source_failed(source);
                 });
+                if failed {
+                    // The peer is told by the link's end; a new link starts a new catch-up.
+                    self.volumes[index].sources.retain(|&id| id != source);
+                    self.volumes[index].source_progress.remove(&source);
+                    if let Some(slot) = self.slot_of_link(source) {
+                        self.close(slot, now, "catch-up source read failed", stores);
+                    }
+                }
                 for item in items.drain(..) {
                     let event = match item {
                         CatchUpItem::Extent(extent) => {
@@ -682,8 +694,18 @@ impl ReplicationHub {
         socket.closed = true;
         tracing::info!(peer = ?socket.node, link = socket.link, %reason, "replication link closed");
         let link = socket.link;
+        let opened = matches!(socket.state, SocketState::Open { .. });
+        // An outbound link that never got through its handshake is a failed connect: the peer is
+        // still waiting for its answer (and would otherwise never try again).
+        let failed_connect = socket.initiated && !opened;
+        let node = socket.node.clone().unwrap_or_default();
         if let Some(index) = socket.volume {
-            self.feed(index, now, Event::LinkDown { link }, stores);
+            let event = if failed_connect {
+                Event::ConnectFailed { node }
+            } else {
+                Event::LinkDown { link }
+            };
+            self.feed(index, now, event, stores);
         }
     }
 

@@ -95,6 +95,13 @@ impl ReplicaStore for VolumeReplica<'_> {
         self.with_copy(|copy, _, _| copy.stop_catch_up_source(id));
     }
 
+    fn catch_up_source_failed(&self, id: u64) -> bool {
+        match &self.volume.store {
+            Store::Persistent { copy, .. } => copy.catch_up_source_error(id).is_some(),
+            _ => false,
+        }
+    }
+
     fn apply_catch_up_extent(&mut self, extent: NoteMessage) {
         self.with_copy(|copy, device, done| {
             if let Err(error) = copy.apply_catch_up(extent, device, done) {
