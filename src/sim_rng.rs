@@ -51,3 +51,13 @@ impl Rng {
         Rng::new(self.next_u64())
     }
 }
+
+/// A number from the environment (seed selection of the simulators); panics on a malformed one.
+pub(crate) fn env_u64(name: &str) -> Option<u64> {
+    let value = std::env::var(name).ok()?;
+    Some(
+        value
+            .parse()
+            .unwrap_or_else(|_| panic!("{name}={value:?} is not a number")),
+    )
+}

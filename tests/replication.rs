@@ -159,6 +159,16 @@ impl Cluster {
     }
 }
 
+/// `GET path` from a node's metrics endpoint (plain HTTP/1.0).
+fn http_get(port: u16, path: &str) -> String {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).expect("metrics endpoint");
+    write!(stream, "GET {path} HTTP/1.0\r\n\r\n").unwrap();
+    let mut body = String::new();
+    stream.read_to_string(&mut body).unwrap();
+    body
+}
+
 fn qemu_io_refused(uri: &str) {
     require_tool("qemu-io");
     let out = run_bounded(
@@ -200,6 +210,19 @@ fn master_and_slave_fail_over_both_ways_and_catch_up() {
         &["read -P 0xa1 0 1M", "read -P 0xa2 8M 64k"],
     );
     cluster.wait_in_sync();
+    // The master's Prometheus endpoint shows its replication state: in sync, no lag.
+    let metrics = http_get(cluster.base_port + 200, "/metrics");
+    for line in [
+        "ferroblock_replication_epoch{volume=\"vol0\",role=\"master\"} ",
+        "ferroblock_replication_committed_op{volume=\"vol0\",role=\"master\"} ",
+        "ferroblock_replication_peer_acked_op{volume=\"vol0\",role=\"master\"} ",
+        "ferroblock_replication_lag_ops{volume=\"vol0\",role=\"master\"} 0\n",
+    ] {
+        assert!(
+            metrics.contains(line),
+            "no {line:?} in /metrics:\n{metrics}"
+        );
+    }
 
     // The master dies: the slave takes over with everything acknowledged.
     n1.signal(libc::SIGKILL);

@@ -159,6 +159,9 @@ pub struct ReactorMetrics {
     pub busy_ns: AtomicU64,
 }
 
+/// One replication gauge's value for a volume, if it has one.
+type ReplicationGauge = fn(&crate::cluster::status::VolumeStatus) -> Option<u64>;
+
 pub struct Metrics {
     pub volumes: Vec<VolumeMetrics>,
     pub reactors: Vec<ReactorMetrics>,
@@ -303,7 +306,50 @@ impl Metrics {
                 let _ = writeln!(out, "{name}{{reactor=\"{index}\"}} {}", value(reactor));
             }
         }
+        self.render_replication(&mut out);
         out
+    }
+
+    /// Replication gauges, from the attached status board (replicated nodes only).
+    fn render_replication(&self, out: &mut String) {
+        let Some(board) = self.status.get() else {
+            return;
+        };
+        let snapshot = board.snapshot();
+        let gauges: [(&str, &str, ReplicationGauge); 4] = [
+            (
+                "ferroblock_replication_epoch",
+                "Epoch this peer acts on.",
+                |v| Some(v.epoch),
+            ),
+            (
+                "ferroblock_replication_committed_op",
+                "This peer's commit watermark.",
+                |v| Some(v.committed),
+            ),
+            (
+                "ferroblock_replication_peer_acked_op",
+                "On a master: the commit watermark its slave last acknowledged.",
+                |v| v.peer_acked,
+            ),
+            (
+                "ferroblock_replication_lag_ops",
+                "On a master: ops committed here that the slave has not acknowledged.",
+                |v| v.peer_acked.map(|acked| v.committed.saturating_sub(acked)),
+            ),
+        ];
+        for (name, help, value) in gauges {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge");
+            for volume in &snapshot.volumes {
+                if let Some(value) = value(volume) {
+                    let _ = writeln!(
+                        out,
+                        "{name}{{volume=\"{}\",role=\"{}\"}} {value}",
+                        volume.name, volume.role
+                    );
+                }
+            }
+        }
     }
 }
 

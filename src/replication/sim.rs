@@ -43,7 +43,7 @@ use std::time::Instant;
 use crate::cluster::authority::Membership;
 use crate::replication::message::{Message, NoteKind, NoteMessage};
 use crate::replication::peer::{Action, AuthorityReply, Event, LinkId, Peer, Role, Timing};
-use crate::sim_rng::Rng;
+use crate::sim_rng::{Rng, env_u64};
 
 const BLOCK_BYTES: u64 = 8;
 const BLOCKS: u64 = 12;
@@ -1447,15 +1447,6 @@ impl Simulation {
             self.seed
         );
     }
-}
-
-fn env_u64(name: &str) -> Option<u64> {
-    let value = std::env::var(name).ok()?;
-    Some(
-        value
-            .parse()
-            .unwrap_or_else(|_| panic!("{name}={value:?} is not a number")),
-    )
 }
 
 fn run_seed(seed: u64) -> SimStats {

@@ -92,7 +92,7 @@
 //!
 //! Bugs this found are listed with their seeds in `simulated_power_cuts_regressions`.
 
-use crate::sim_rng::{GOLDEN_GAMMA, Rng, mix};
+use crate::sim_rng::{GOLDEN_GAMMA, Rng, env_u64, mix};
 use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::io;
 use std::panic::{self, AssertUnwindSafe};
@@ -2506,15 +2506,6 @@ fn run_seed(seed: u64) -> SimStats {
     let mut simulation = Simulation::new(seed);
     simulation.run();
     simulation.stats
-}
-
-fn env_u64(name: &str) -> Option<u64> {
-    let value = std::env::var(name).ok()?;
-    Some(
-        value
-            .parse()
-            .unwrap_or_else(|_| panic!("{name}={value:?} is not a number")),
-    )
 }
 
 /// Runs `seeds` on up to two threads; the seeds that failed (each failure also prints its seed).
