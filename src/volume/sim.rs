@@ -1017,17 +1017,14 @@ struct Simulation {
     /// The highest op number given out (ops above the last recovery's `W` are forgotten).
     numbered_op: u64,
     acknowledged_op: u64,
-    /// The highest acknowledged op a power cut must keep: acknowledged while the commit limit had
-    /// been `u64::MAX` since before it was numbered (then every journal block holding it records a
-    /// watermark at or above it). Ops acknowledged under a lower limit may be lost (the journal's
-    /// watermark is capped by the limit; a replication master relies on its slave for them).
+    /// The highest acknowledged op a power cut must keep (every acknowledged op: the journal's
+    /// watermark is the last op given out, whatever the commit limit).
     guaranteed_op: u64,
-    /// Ops numbered after this, while the commit limit stays `u64::MAX`, are guaranteed once
-    /// acknowledged; `None` while the limit is lower.
+    /// Ops numbered after this are guaranteed once acknowledged (always set: kept from when the
+    /// journal's watermark was capped by the commit limit, which it no longer is).
     limit_max_since: Option<u64>,
-    /// Bound on every watermark a journal block may record: the highest `min(last op given out,
-    /// max(commit limit, committed op))` seen while blocks could be sealed. Recovery must not go
-    /// above it (a master must not resurrect ops its slave may not have committed).
+    /// Bound on every watermark a journal block may record: the highest op given out while blocks
+    /// could be sealed. Recovery must not go above it.
     watermark_ceiling: u64,
     /// Every write acknowledged before a successful flush was submitted is at or below this.
     flushed_op: u64,
