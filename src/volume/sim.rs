@@ -2763,43 +2763,57 @@ fn recovery_detects_damage_vouched_for_by_the_furthest_block_in_flight() {
     }
 }
 
+/// A fresh copy on a small simulated disk (64 journal blocks, 128 KiB of data), for the "in small"
+/// tests.
+fn small_copy(
+    volume_id: u64,
+    name: &str,
+    volume_size: u64,
+    seed: u64,
+    durability: Durability,
+) -> (Superblock, SimDevice, VolumeCopy) {
+    let superblock = Superblock {
+        volume_id,
+        name: name.to_owned(),
+        volume_size,
+        journal_offset: JOURNAL_BLOCK_BYTES as u64,
+        journal_bytes: 64 * JOURNAL_BLOCK_BYTES as u64,
+        data_offset: 65 * JOURNAL_BLOCK_BYTES as u64,
+        data_bytes: 128 << 10,
+    };
+    let device = SimDevice::new(
+        vec![0u8; superblock.store_bytes() as usize],
+        superblock.journal_offset,
+        64,
+        Rng::new(seed),
+    );
+    let copy = VolumeCopy::new(
+        superblock.clone(),
+        Recovered::empty(),
+        Allocator::new(superblock.data_bytes),
+        durability,
+    );
+    (superblock, device, copy)
+}
+
+/// Lets the copy write and the device complete everything, a few iterations' worth.
+fn settle(copy: &mut VolumeCopy, device: &mut SimDevice, done: &mut VecDeque<IoCompletion>) {
+    for _ in 0..8 {
+        copy.end_iteration(device, done);
+        while let Some((tag, result)) = device.complete_random() {
+            copy.complete(tag, result, device, done);
+        }
+    }
+}
+
 /// The replication operations in small: commit limit, created notes, applied notes and their
 /// refusals, and a discard that fails the request it drops and reuses its op number.
 #[test]
 fn replication_operations_in_small() {
     use crate::volume::copy::ApplyError;
 
-    let superblock = Superblock {
-        volume_id: 5,
-        name: "small".to_owned(),
-        volume_size: 64 << 10,
-        journal_offset: JOURNAL_BLOCK_BYTES as u64,
-        journal_bytes: 64 * JOURNAL_BLOCK_BYTES as u64,
-        data_offset: 65 * JOURNAL_BLOCK_BYTES as u64,
-        data_bytes: 128 << 10,
-    };
-    let mut device = SimDevice::new(
-        vec![0u8; superblock.store_bytes() as usize],
-        superblock.journal_offset,
-        64,
-        Rng::new(1),
-    );
-    let mut copy = VolumeCopy::new(
-        superblock.clone(),
-        Recovered::empty(),
-        Allocator::new(superblock.data_bytes),
-        Durability::Dsync,
-    );
+    let (superblock, mut device, mut copy) = small_copy(5, "small", 64 << 10, 1, Durability::Dsync);
     let mut done = VecDeque::new();
-    let settle =
-        |copy: &mut VolumeCopy, device: &mut SimDevice, done: &mut VecDeque<IoCompletion>| {
-            for _ in 0..8 {
-                copy.end_iteration(device, done);
-                while let Some((tag, result)) = device.complete_random() {
-                    copy.complete(tag, result, device, done);
-                }
-            }
-        };
     let write = |id: u64, offset: u64| {
         let mut buf = AlignedBuf::with_capacity(4096);
         buf.set_len(4096);
@@ -2923,37 +2937,9 @@ fn replication_operations_in_small() {
 fn catch_up_apply_in_small() {
     use crate::volume::copy::ApplyError;
 
-    let superblock = Superblock {
-        volume_id: 6,
-        name: "catch-up".to_owned(),
-        volume_size: 64 << 10,
-        journal_offset: JOURNAL_BLOCK_BYTES as u64,
-        journal_bytes: 64 * JOURNAL_BLOCK_BYTES as u64,
-        data_offset: 65 * JOURNAL_BLOCK_BYTES as u64,
-        data_bytes: 128 << 10,
-    };
-    let mut device = SimDevice::new(
-        vec![0u8; superblock.store_bytes() as usize],
-        superblock.journal_offset,
-        64,
-        Rng::new(2),
-    );
-    let mut copy = VolumeCopy::new(
-        superblock.clone(),
-        Recovered::empty(),
-        Allocator::new(superblock.data_bytes),
-        Durability::Fdatasync,
-    );
+    let (superblock, mut device, mut copy) =
+        small_copy(6, "catch-up", 64 << 10, 2, Durability::Fdatasync);
     let mut done = VecDeque::new();
-    let settle =
-        |copy: &mut VolumeCopy, device: &mut SimDevice, done: &mut VecDeque<IoCompletion>| {
-            for _ in 0..8 {
-                copy.end_iteration(device, done);
-                while let Some((tag, result)) = device.complete_random() {
-                    copy.complete(tag, result, device, done);
-                }
-            }
-        };
     let item = |op: u64, offset: u64, byte: u8| NoteMessage {
         op,
         kind: replication::NoteKind::Write,
@@ -3033,37 +3019,9 @@ fn catch_up_apply_in_small() {
 #[test]
 fn catch_up_source_in_small() {
     const MIB: u64 = 1 << 20;
-    let superblock = Superblock {
-        volume_id: 7,
-        name: "source".to_owned(),
-        volume_size: 48 * MIB,
-        journal_offset: JOURNAL_BLOCK_BYTES as u64,
-        journal_bytes: 64 * JOURNAL_BLOCK_BYTES as u64,
-        data_offset: 65 * JOURNAL_BLOCK_BYTES as u64,
-        data_bytes: 128 << 10,
-    };
-    let mut device = SimDevice::new(
-        vec![0u8; superblock.store_bytes() as usize],
-        superblock.journal_offset,
-        64,
-        Rng::new(3),
-    );
-    let mut copy = VolumeCopy::new(
-        superblock.clone(),
-        Recovered::empty(),
-        Allocator::new(superblock.data_bytes),
-        Durability::Dsync,
-    );
+    let (_superblock, mut device, mut copy) =
+        small_copy(7, "source", 48 * MIB, 3, Durability::Dsync);
     let mut done = VecDeque::new();
-    let settle =
-        |copy: &mut VolumeCopy, device: &mut SimDevice, done: &mut VecDeque<IoCompletion>| {
-            for _ in 0..8 {
-                copy.end_iteration(device, done);
-                while let Some((tag, result)) = device.complete_random() {
-                    copy.complete(tag, result, device, done);
-                }
-            }
-        };
     let request = |kind: IoKind, offset: u64, length: u32, byte: u8| {
         let mut buf = AlignedBuf::empty();
         if kind == IoKind::Write {
