@@ -476,6 +476,38 @@ def file_system_description(path):
     }
 
 
+def device_irq_core(path):
+    """The CPU that takes most interrupts of the block device holding `path` (its completions, and the
+    wake-ups of whoever waits for them, land there), or None if it cannot be told (no /proc/interrupts
+    line names the device's driver instance)."""
+    df = _run(["df", "-B1", path]).splitlines()
+    if len(df) < 2:
+        return None
+    base = os.path.basename(os.path.realpath(df[-1].split()[0]))
+    for candidate in (base, re.sub(r"p?\d+$", "", base)):
+        try:
+            instance = os.path.basename(os.path.realpath(f"/sys/block/{candidate}/device"))
+        except OSError:
+            continue
+        if not candidate or not os.path.isdir(f"/sys/block/{candidate}"):
+            continue
+        counts = None
+        try:
+            with open("/proc/interrupts") as handle:
+                cpus = len(handle.readline().split())
+                for line in handle:
+                    parts = line.split()
+                    if any(part.startswith(instance + "-") or part == instance for part in parts[cpus + 1:]):
+                        row = [int(value) for value in parts[1:cpus + 1] if value.isdigit()]
+                        if len(row) == cpus:
+                            counts = row if counts is None else [a + b for a, b in zip(counts, row)]
+        except OSError:
+            return None
+        if counts and max(counts) > 0:
+            return counts.index(max(counts))
+    return None
+
+
 def allocated_bytes(path):
     """Disk space actually allocated (st_blocks) under a directory tree or for one file."""
     total = 0

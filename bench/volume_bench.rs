@@ -1,10 +1,13 @@
 //! In-process benchmark of a persistent volume copy: drives `VolumeCopy` through its own io_uring at a
-//! fixed queue depth, busy-polling completions, with no network in between, so that its figures compare
-//! directly with `fio --ioengine=io_uring --direct=1` on the same file system.
+//! fixed queue depth, polling completions, with no network in between, so that its figures compare
+//! directly with `fio --ioengine=io_uring --direct=1` on the same file system. A poll that finds nothing
+//! yields the CPU (`sched_yield`), as the server's adaptive reactor does: the copy's fsyncs run on
+//! io-wq workers that may share the core, and a pure spin would hold it against them (fio waits in
+//! io_uring_enter instead). `--spin` polls without yielding.
 //!
 //! cargo run --release --example volume-bench -- --path /var/tmp/v.fbv --size 1G --rw randwrite \
 //!     --bs 4096 --qd 32 --seconds 10 [--ramp 0] [--durability fdatasync|dsync] [--ops N] [--prefill]
-//!     [--recover]
+//!     [--recover] [--spin]
 //!
 //! Prints one JSON object: iops, mean/p50/p99 latency, write amplification (device bytes written per
 //! host byte), syncs per write, checkpoints taken, the journal's size, and with --recover the time to
@@ -37,6 +40,7 @@ struct Options {
     durability: Durability,
     prefill: bool,
     recover: bool,
+    spin: bool,
 }
 
 fn parse() -> Options {
@@ -52,6 +56,7 @@ fn parse() -> Options {
         durability: Durability::Fdatasync,
         prefill: false,
         recover: false,
+        spin: false,
     };
     let args: Vec<String> = std::env::args().skip(1).collect();
     let mut index = 0;
@@ -85,6 +90,10 @@ fn parse() -> Options {
             }
             "--recover" => {
                 options.recover = true;
+                index -= 1;
+            }
+            "--spin" => {
+                options.spin = true;
                 index -= 1;
             }
             other => panic!("unknown option {other}"),
@@ -200,7 +209,9 @@ fn main() {
             );
             uring.submit().expect("submit");
             completions.clear();
-            uring.reap_into(&mut completions);
+            if uring.reap_into(&mut completions) == 0 && done.is_empty() && !options.spin {
+                std::thread::yield_now();
+            }
             for &(user_data, result) in &completions {
                 copy.complete(
                     user_data as u32,

@@ -106,6 +106,11 @@ pub struct ServeArgs {
     #[arg(long, value_parser = parse_cores)]
     pub cores: Option<CoreList>,
 
+    /// CPU cores for the kernel's io_uring workers of this process (io-wq: fsyncs, buffered writes):
+    /// a list like 1 or 0-1 [default: the cores without reactors, or every core if there are none].
+    #[arg(long, value_parser = parse_cores)]
+    pub io_worker_cores: Option<CoreList>,
+
     /// How idle reactors wait: busy (spin), adaptive (spin, then sleep), interrupt (always sleep).
     #[arg(long, value_enum, default_value_t = PollMode::Adaptive)]
     pub poll: PollMode,
@@ -152,6 +157,8 @@ pub struct ServeConfig {
     pub volume: String,
     pub path: PathBuf,
     pub cores: Vec<usize>,
+    /// Cores for io-wq workers; `None`: the cores without reactors, else all.
+    pub io_worker_cores: Option<Vec<usize>>,
     pub poll_mode: PollMode,
     pub spin: Duration,
     pub metrics: Option<SocketAddr>,
@@ -181,6 +188,7 @@ impl ServeArgs {
             volume: self.volume,
             path,
             cores,
+            io_worker_cores: self.io_worker_cores.map(|CoreList(cores)| cores),
             poll_mode: self.poll,
             spin: Duration::from_micros(self.spin_us),
             metrics: self.metrics,

@@ -115,6 +115,7 @@ pub fn serve(config: ServeConfig) -> Result<(), ServeError> {
         volumes: vec![volume],
         exports,
         cores: config.cores.clone(),
+        io_worker_cores: config.io_worker_cores.clone(),
         poll_mode: config.poll_mode,
         spin: config.spin,
         metrics: config.metrics,
@@ -130,6 +131,7 @@ struct Plan {
     volumes: Vec<Volume>,
     exports: Arc<[ExportInfo]>,
     cores: Vec<usize>,
+    io_worker_cores: Option<Vec<usize>>,
     poll_mode: crate::reactor::PollMode,
     spin: std::time::Duration,
     metrics: Option<std::net::SocketAddr>,
@@ -145,6 +147,7 @@ fn run(plan: Plan) -> Result<(), ServeError> {
         volumes,
         exports,
         cores,
+        io_worker_cores,
         poll_mode,
         spin,
         metrics: metrics_address,
@@ -188,15 +191,21 @@ fn run(plan: Plan) -> Result<(), ServeError> {
     let mailboxes: Arc<[Mailbox]> = Arc::from(mailboxes);
     let shutdown = Arc::new(Shutdown::new());
 
-    // The kernel's io_uring workers (fsync, dsync writes) go to cores without reactors when there are
-    // any, else anywhere: never only onto a reactor's own core, where busy polling would starve them.
+    // The kernel's io_uring workers (fsync, dsync writes) go where --io-worker-cores says, else to
+    // cores without reactors when there are any, else anywhere: by default never only onto a
+    // reactor's own core, where busy polling would starve them (adaptive and interrupt reactors
+    // leave their core to them: see tuning.md for when sharing it is the better placement).
     let allowed = crate::config::available_cores();
     let free: Vec<usize> = allowed
         .iter()
         .copied()
         .filter(|core| !cores.contains(core))
         .collect();
-    let worker_cpus = if free.is_empty() { allowed } else { free };
+    let worker_cpus = match io_worker_cores {
+        Some(chosen) => chosen,
+        None if free.is_empty() => allowed,
+        None => free,
+    };
     let mut volumes = Some(volumes);
     let mut replication = replication;
     let mut handles = Vec::with_capacity(reactors);
@@ -397,6 +406,7 @@ pub fn serve_node(
         volumes,
         exports: Arc::from(export_list),
         cores: config.cores.clone(),
+        io_worker_cores: config.io_worker_cores.clone(),
         poll_mode: config.poll_mode,
         spin: config.spin,
         metrics: Some(node.metrics),

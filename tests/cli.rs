@@ -79,6 +79,11 @@ fn invalid_flag_values_exit_2_with_a_message() {
             missing_core.as_str(),
             "core",
         ),
+        (
+            vec!["--io-worker-cores", missing_core.as_str()],
+            missing_core.as_str(),
+            "io-worker-cores",
+        ),
         (vec!["--no-such-flag"], "no-such-flag", "no-such-flag"),
     ];
     for (extra, needle, flag) in cases {
@@ -233,6 +238,40 @@ fn cores_pinning_serves_io() {
         let srv = Server::start(&["--cores", &list, "--size", "16M"]);
         assert_healthy(&srv.addr, &srv.export, 0, 6);
     }
+}
+
+/// `--io-worker-cores` places the kernel's io_uring workers: after a write and a flush (an fsync runs
+/// on an io-wq worker), every `iou-wrk` thread of the server may run only on the chosen core.
+#[test]
+fn io_worker_cores_place_the_io_uring_workers() {
+    let n = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1);
+    let chosen = if n >= 2 { "1" } else { "0" };
+    let srv = Server::start(&["--cores", "0", "--io-worker-cores", chosen, "--size", "16M"]);
+    let mut conn = srv.client();
+    assert_eq!(conn.write(0, &[7u8; 4096], 0), 0);
+    assert_eq!(conn.flush(), 0);
+    let mut workers = Vec::new();
+    for entry in std::fs::read_dir(format!("/proc/{}/task", srv.pid)).expect("task list") {
+        let task = entry.expect("task entry").path();
+        let comm = std::fs::read_to_string(task.join("comm")).unwrap_or_default();
+        if comm.starts_with("iou-wrk") {
+            let status = std::fs::read_to_string(task.join("status")).expect("task status");
+            let allowed = status
+                .lines()
+                .find_map(|line| line.strip_prefix("Cpus_allowed_list:"))
+                .expect("Cpus_allowed_list")
+                .trim()
+                .to_string();
+            workers.push(allowed);
+        }
+    }
+    assert!(!workers.is_empty(), "no io_uring worker after a flush");
+    assert!(
+        workers.iter().all(|allowed| allowed == chosen),
+        "workers allowed on {workers:?}, expected {chosen}"
+    );
 }
 
 /// Polls (bounded) until `pred` holds.

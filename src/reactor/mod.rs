@@ -414,7 +414,15 @@ impl Reactor {
             self.end_volume_iterations();
             self.deliver();
             if self.replication.is_some() {
+                // A master's local writes go to the device before its notes go to the slave (a
+                // loopback send runs the receiver's stack inline); a slave's applied notes get their
+                // journal block in this iteration, beside their data, not one iteration later.
+                if let Err(error) = self.router.uring.submit() {
+                    tracing::error!(reactor = self.id, %error, "io_uring submit failed");
+                }
                 self.run_replication();
+                self.deliver();
+                self.end_volume_iterations();
                 self.deliver();
             }
             self.run_timers();
@@ -424,6 +432,11 @@ impl Reactor {
             self.router.flush_outbound();
             if worked {
                 last_work = Instant::now();
+            } else if self.poll_mode == PollMode::Adaptive {
+                // An idle spin must not hold the core against the threads that would end it: this
+                // reactor's io-wq workers (fsync, buffered writes), the block layer's kworkers, a
+                // client on the same core. sched_yield returns at once when nothing else is runnable.
+                std::thread::yield_now();
             }
             if self.shutdown.is_requested() && self.shutdown_step() {
                 tracing::debug!(reactor = self.id, "reactor stopped");

@@ -507,6 +507,7 @@ impl ReplicationHub {
             if socket.closed {
                 return;
             }
+            debug_assert!(!self.read_buf.is_empty(), "read buffer lent out");
             let read = socket.stream.read(&mut self.read_buf);
             match read {
                 Ok(0) => {
@@ -514,8 +515,11 @@ impl ReplicationHub {
                     return;
                 }
                 Ok(length) => {
-                    let bytes = self.read_buf[..length].to_vec();
-                    if !self.on_bytes(slot, now, &bytes, stores) {
+                    // Lent out for the call (`on_bytes` needs the hub): no copy of what was read.
+                    let buffer = std::mem::take(&mut self.read_buf);
+                    let open = self.on_bytes(slot, now, &buffer[..length], stores);
+                    self.read_buf = buffer;
+                    if !open {
                         return;
                     }
                 }
