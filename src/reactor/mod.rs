@@ -430,13 +430,11 @@ impl Reactor {
                 tracing::error!(reactor = self.id, %error, "io_uring submit failed");
             }
             self.router.flush_outbound();
+            // No sched_yield in an idle spin: measured, it hands the core to any runnable task, a
+            // nice-19 compile included, for a whole slice (QD1 latency +20-29 %, bench/RESULTS.md
+            // "A/B ... yielding idle spin"). io-wq workers get cores of their own by default instead.
             if worked {
                 last_work = Instant::now();
-            } else if self.poll_mode == PollMode::Adaptive {
-                // An idle spin must not hold the core against the threads that would end it: this
-                // reactor's io-wq workers (fsync, buffered writes), the block layer's kworkers, a
-                // client on the same core. sched_yield returns at once when nothing else is runnable.
-                std::thread::yield_now();
             }
             if self.shutdown.is_requested() && self.shutdown_step() {
                 tracing::debug!(reactor = self.id, "reactor stopped");
