@@ -1,6 +1,7 @@
 //! Two real nodes replicating a volume on loopback: writes through a real NBD client, SIGKILL of the
-//! master and of the slave, restarts that catch up by op number, and a cut link (through a proxy the
-//! test controls) after which exactly one node serves.
+//! master and of the slave, restarts that catch up by op number, a cut link (through a proxy the
+//! test controls) after which exactly one node serves, and a copy holding a dropped history that
+//! resets itself in place.
 
 mod common;
 
