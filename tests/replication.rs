@@ -1,6 +1,7 @@
 //! Two real nodes replicating a volume on loopback: writes through a real NBD client, SIGKILL of the
-//! master and of the slave, restarts that catch up by op number, and a cut link (through a proxy the
-//! test controls) after which exactly one node serves.
+//! master and of the slave, restarts that catch up by op number, a cut link (through a proxy the
+//! test controls) after which exactly one node serves, and a copy holding a dropped history that
+//! resets itself in place.
 
 mod common;
 
@@ -418,4 +419,156 @@ fn a_cut_link_leaves_exactly_one_node_serving() {
     cluster.wait_roles("master", "slave");
     cluster.wait_in_sync();
     qemu_io(&cluster.uri("n1"), &["read -P 0xd2 1M 256k"]);
+}
+
+/// The role `node` reports for vol0 (`None` when it is not in the report).
+fn role_of(cluster: &Cluster, node: &str) -> Option<String> {
+    cluster
+        .roles()
+        .into_iter()
+        .find(|(name, _)| name == node)
+        .map(|(_, role)| role)
+}
+
+/// The committed op a restart of the store at `path` would recover (read while its node runs: an
+/// error, e.g. a journal block read while being written, is `None`, to be asked again).
+fn recovered_op(path: &Path) -> Option<u64> {
+    ferroblock::volume::open::open_copy(
+        path,
+        "vol0",
+        None,
+        false,
+        ferroblock::volume::copy::Durability::Fdatasync,
+        false,
+    )
+    .ok()
+    .map(|opened| opened.copy.committed_op())
+}
+
+/// A master that crashed holding durable notes its slave never got comes back with ops of a history
+/// the new master dropped (`ResetCopy`): it records its copy as incomplete, resets its store in place
+/// and is caught up whole, with no operator, then pairs; what its slave never had is gone from it,
+/// and every acknowledged write is on both copies.
+#[test]
+fn a_copy_holding_a_dropped_history_is_reset_in_place() {
+    require_tool("qemu-io");
+    let cluster = Cluster::init("repl-reset");
+    let dir = cluster.config.parent().unwrap().to_path_buf();
+    let text = std::fs::read_to_string(&cluster.config).unwrap();
+    // n2 reaches n1's replication port through the proxy: cut, n1's newest notes never reach n2.
+    let n1_replication = format!("127.0.0.1:{}", cluster.base_port + 100);
+    let proxy = Proxy::start(&dir, cluster.base_port + 100);
+    let n2_config = dir.join("cluster-n2.toml");
+    std::fs::write(
+        &n2_config,
+        text.replace(
+            &format!("replication = \"{n1_replication}\""),
+            &format!("replication = \"{}\"", proxy.address),
+        ),
+    )
+    .unwrap();
+    // n1 reaches the authority through a directory link the test redirects to an authority that
+    // does not parse: n1 is then cut from the authority (it cannot go on alone), n2 is not.
+    std::os::unix::fs::symlink(".", dir.join("authority-link")).unwrap();
+    let n1_config = dir.join("cluster-n1.toml");
+    let default_authority = "authority = \"authority.json\"";
+    assert!(text.contains(default_authority), "{text}");
+    std::fs::write(
+        &n1_config,
+        text.replace(
+            default_authority,
+            "authority = \"authority-link/authority.json\"",
+        ),
+    )
+    .unwrap();
+
+    let mut n1 = cluster.start_with("n1", &n1_config);
+    let mut n2 = cluster.start_with("n2", &n2_config);
+    cluster.wait_roles("master", "slave");
+    // A: acknowledged, so on both copies.
+    qemu_io(
+        &cluster.uri("n1"),
+        &["write -P 0xa1 0 1M", "write -P 0xa2 8M 64k"],
+    );
+    cluster.wait_in_sync();
+
+    std::fs::create_dir(dir.join("unreachable")).unwrap();
+    std::fs::write(dir.join("unreachable").join("authority.json"), b"{}").unwrap();
+    std::os::unix::fs::symlink("unreachable", dir.join("authority-link.new")).unwrap();
+    std::fs::rename(dir.join("authority-link.new"), dir.join("authority-link")).unwrap();
+    proxy.cut(true);
+    // B: over part of A, made durable on n1, never acknowledged (n2 never gets it).
+    let mut writer = Command::new("qemu-io")
+        .args(["-f", "raw", "-c", "write -P 0xbb 0 64k", &cluster.uri("n1")])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start qemu-io");
+    // n2 hears nothing from n1 and takes over; n1 is recorded as dropped at n2's watermark.
+    let deadline = Instant::now() + WAIT;
+    while role_of(&cluster, "n2").as_deref() != Some("solo-master") {
+        assert!(Instant::now() < deadline, "n2 never took over");
+        thread::sleep(Duration::from_millis(50));
+    }
+    let authority =
+        ferroblock::cluster::authority::FileAuthority::open(&dir.join("authority.json")).unwrap();
+    let membership = ferroblock::cluster::authority::Authority::read(&authority, "vol0")
+        .unwrap()
+        .expect("vol0 has a membership");
+    let dropped = membership.dropped.expect("n1 is dropped");
+    assert_eq!(
+        (membership.master.as_str(), dropped.node.as_str()),
+        ("n2", "n1")
+    );
+    // n1's store holds B durably: a restart recovers ops beyond the common op.
+    let store = dir.join("n1").join("vol0.fbv");
+    let deadline = Instant::now() + WAIT;
+    while recovered_op(&store).is_none_or(|op| op <= dropped.common_op) {
+        assert!(
+            Instant::now() < deadline,
+            "n1 never made B durable (common op {})",
+            dropped.common_op
+        );
+        thread::sleep(Duration::from_millis(50));
+    }
+    n1.signal(libc::SIGKILL);
+    n1.wait_exit(DEADLINE);
+    let _ = wait_child(&mut writer, DEADLINE);
+
+    // n1 restarts (the real authority, the link healed): dropped below its watermark, it resets its
+    // copy in place, is caught up whole and pairs.
+    proxy.cut(false);
+    let n1 = cluster.start("n1");
+    cluster.wait_roles("slave", "master");
+    cluster.wait_in_sync();
+    let log = n1.stderr();
+    assert!(
+        log.contains("copy reset in place"),
+        "n1 paired without a reset:\n{log}"
+    );
+    assert!(
+        !dir.join("n1").join("vol0.catching-up").exists(),
+        "the incomplete-copy marker outlived the catch-up"
+    );
+    // B is gone everywhere; A is on the master; C is written while paired.
+    qemu_io(
+        &cluster.uri("n2"),
+        &["read -P 0xa1 0 1M", "read -P 0xa2 8M 64k"],
+    );
+    qemu_io(&cluster.uri("n2"), &["write -P 0xc1 4M 256k"]);
+    cluster.wait_in_sync();
+
+    // The reset copy is whole: n2 dies, n1 takes over and serves A and C, and never B.
+    n2.signal(libc::SIGKILL);
+    n2.wait_exit(DEADLINE);
+    cluster.wait_roles("solo-master", "offline");
+    qemu_io(
+        &cluster.uri("n1"),
+        &[
+            "read -P 0xa1 0 1M",
+            "read -P 0xa2 8M 64k",
+            "read -P 0xc1 4M 256k",
+            "read -P 0 1M 3M",
+        ],
+    );
 }

@@ -53,6 +53,10 @@ pub trait ReplicaStore {
     fn finish_catch_up(&mut self, through: u64);
     /// Whether host writes are accepted and until when reads are served (`None`: not at all).
     fn set_serving(&mut self, writes: bool, reads: bool);
+    /// Reprovisioning in place: once the copy has nothing in flight with its device, makes it an
+    /// empty copy of the same volume and returns its watermark; `Ok(None)`: not idle yet, ask again
+    /// on a later pass. An error leaves the store as the old copy or the empty one.
+    fn reset_when_idle(&mut self) -> io::Result<Option<u64>>;
 }
 
 /// Lends the hub a volume's copy for the length of a call (the reactor owns the volumes).
@@ -85,6 +89,8 @@ pub struct ReplicatedVolume {
     /// durable): it tells a restarted node that it must not act as an in-sync slave.
     pub incomplete_marker: Option<std::path::PathBuf>,
     marker_present: bool,
+    /// A `ResetCopy` being carried out (see `ReplicationHub::advance_reset`).
+    reset: Option<ResetState>,
     last_committed: u64,
     /// Catch-up sources running, with what they sent: (link, started, extents, bytes).
     sources: Vec<u64>,
@@ -110,11 +116,22 @@ impl ReplicatedVolume {
             offered: None,
             incomplete_marker: None,
             marker_present: false,
+            reset: None,
             last_committed: 0,
             sources: Vec::new(),
             source_progress: HashMap::new(),
         }
     }
+}
+
+/// Where a reset of the local copy stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ResetState {
+    /// Waiting for the incomplete-copy marker to be durable, then for the copy to be idle.
+    Pending,
+    /// Writing the marker or resetting the store failed (logged): the peer is never answered and
+    /// waits, serving nothing, and the marker is never removed; a restart tries again.
+    Failed,
 }
 
 enum SocketState {
@@ -407,10 +424,18 @@ impl ReplicationHub {
                 }
                 self.items = items;
             }
+            if self.volumes[index].reset == Some(ResetState::Pending) {
+                self.advance_reset(index, now, stores);
+            }
             if now >= self.next_tick_us {
                 self.feed(index, now, Event::Tick, stores);
             }
-            if self.volumes[index].marker_present && !self.volumes[index].peer.status().incomplete {
+            // A reset not answered yet keeps the marker whatever the peer says: the copy is about to
+            // be (or may already be) empty.
+            if self.volumes[index].marker_present
+                && self.volumes[index].reset.is_none()
+                && !self.volumes[index].peer.status().incomplete
+            {
                 let volume = &mut self.volumes[index];
                 if let Some(marker) = &volume.incomplete_marker
                     && let Err(error) = remove_marker(marker)
@@ -905,13 +930,14 @@ impl ReplicationHub {
                 stores.with(volume_index, &mut |store| store.discard_uncommitted());
             }
             Action::ResetCopy => {
-                // Reprovisioning in place is not implemented: the peer waits, serving nothing, until
-                // an operator removes the store and restarts the node (it is then caught up whole).
-                tracing::error!(
-                    volume = %self.volumes[index].name,
-                    "this copy holds ops of a history the master dropped: stop the node, remove its \
-                     store (data_dir/<volume>.fbv) and start it again to reprovision it"
-                );
+                // Reprovisioning in place, carried out over the next passes (`advance_reset`): the
+                // marker first, then, once the copy is idle, the reset; answered by `CopyReset`.
+                let volume = &mut self.volumes[index];
+                if volume.reset.is_none() {
+                    tracing::warn!(volume = %volume.name,
+                        "this copy holds ops of a history the master dropped: resetting it in place");
+                    volume.reset = Some(ResetState::Pending);
+                }
             }
             Action::StartCatchUpSource { link, base } => {
                 let mut through = 0;
@@ -949,6 +975,50 @@ impl ReplicationHub {
             }
             Action::FinishCatchUp { through } => {
                 stores.with(volume_index, &mut |store| store.finish_catch_up(through));
+            }
+        }
+    }
+
+    /// One step of a pending reset: the incomplete-copy marker, durable before anything else (a crash
+    /// from there on restarts the node as a copy to be caught up, whether the store is still the old
+    /// copy or already the empty one); then, once the copy has no device IO in flight (polled on each
+    /// pass, never waited for), the reset of the store; then `CopyReset` to the peer.
+    fn advance_reset(&mut self, index: usize, now: u64, stores: &mut dyn StoreAccess) {
+        let volume = &mut self.volumes[index];
+        if !volume.marker_present
+            && let Some(marker) = &volume.incomplete_marker
+        {
+            if let Err(error) = write_marker(marker) {
+                tracing::error!(%error, path = %marker.display(),
+                    "cannot record an incomplete copy: not resetting it (restart the node to retry)");
+                volume.reset = Some(ResetState::Failed);
+                return;
+            }
+            volume.marker_present = true;
+        }
+        let mut outcome = Ok(None);
+        stores.with(volume.volume, &mut |store| {
+            outcome = store.reset_when_idle();
+        });
+        match outcome {
+            Ok(None) => {}
+            Ok(Some(committed)) => {
+                let volume = &mut self.volumes[index];
+                tracing::warn!(volume = %volume.name, committed,
+                    "copy reset in place: catching up whole from the master");
+                debug_assert!(
+                    volume.sources.is_empty(),
+                    "a copy being reset serves no catch-up"
+                );
+                volume.reset = None;
+                volume.last_committed = committed;
+                self.feed(index, now, Event::CopyReset { committed }, stores);
+            }
+            Err(error) => {
+                let volume = &mut self.volumes[index];
+                tracing::error!(volume = %volume.name, %error,
+                    "cannot reset the copy: it stays marked incomplete (restart the node to retry)");
+                volume.reset = Some(ResetState::Failed);
             }
         }
     }

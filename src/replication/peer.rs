@@ -181,7 +181,10 @@ pub enum Action {
     /// `committed + 1`.
     DiscardUncommitted,
     /// The copy holds ops of a history the master dropped: empty it (reprovisioning) and answer
-    /// `CopyReset`. (Left unanswered, the peer waits: safe, not available.)
+    /// `CopyReset`. The driver records the copy as incomplete durably first (so that neither the old
+    /// nor the emptied copy restarts as an in-sync slave), waits until it has no IO in flight, then
+    /// empties it; it may answer late and more than one `ResetCopy` may come meanwhile (one reset
+    /// answers them all). Left unanswered (a reset that failed), the peer waits: safe, not available.
     ResetCopy,
     /// Master: snapshot now (answer `CatchUpSnapshot` before any other event), then stream, op by op in
     /// op order, the content of every range changed after `base` as `CatchUpExtent`s, then `CatchUpEnd`.
@@ -417,11 +420,13 @@ impl Peer {
             }
             Event::Committed { through } => self.committed_through(through, actions),
             Event::CopyReset { committed } => {
+                // Whatever the role by now (a membership may have moved on while the driver waited
+                // for the copy to be idle), the copy is empty: never whole again until caught up.
+                self.incomplete = true;
+                self.committed = committed;
+                self.delivered = committed;
                 if self.role == Role::CatchingUp && !self.ready {
                     tracing::warn!(node = %self.node, "copy reset: reprovisioning from the master");
-                    self.incomplete = true;
-                    self.committed = committed;
-                    self.delivered = committed;
                     self.ready = true;
                     self.next_connect_us = now_us;
                 }

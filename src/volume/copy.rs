@@ -415,6 +415,52 @@ impl VolumeCopy {
             + self.discarded.len()
     }
 
+    /// Nothing of this copy is with the device or waiting for it: no device operation queued or
+    /// submitted, no host request, note or read job in progress. `reset` needs it: the kernel must
+    /// hold no buffer of the state it drops, and no completion may reach the state that replaces it.
+    pub fn is_idle(&self) -> bool {
+        self.in_flight() == 0
+            && self.unsubmitted.is_empty()
+            && self.parked.is_empty()
+            && !self.sync_in_flight
+            && self.reads.iter().all(Option::is_none)
+    }
+
+    /// Reprovisioning in place: this copy becomes an empty copy of the same volume (committed op 0,
+    /// empty map, all data space free, a fresh journal) for a store whose superblock is now
+    /// `superblock`: the same layout under a new volume id, which the caller has made durable
+    /// (`volume::open::reset_copy`). Recovery ignores journal blocks of another volume id, so nothing
+    /// written before can be replayed into the new state. Keeps what the replication peer set (commit
+    /// limit, note outbox), the durability mode, a device failure (it lasts until a restart) and the
+    /// counters.
+    pub fn reset(&mut self, superblock: Superblock) {
+        assert!(self.is_idle(), "a copy is reset only when idle");
+        assert_ne!(
+            superblock.volume_id, self.superblock.volume_id,
+            "a reset copy needs a new volume id, or the old journal would replay"
+        );
+        assert_eq!(
+            Superblock {
+                volume_id: self.superblock.volume_id,
+                ..superblock.clone()
+            },
+            self.superblock,
+            "a reset keeps the volume's name, size and layout"
+        );
+        let data_bytes = superblock.data_bytes;
+        let mut fresh = VolumeCopy::new(
+            superblock,
+            Recovered::empty(),
+            Allocator::new(data_bytes),
+            self.durability,
+        );
+        fresh.commit_limit = self.commit_limit;
+        fresh.outbox = self.outbox.as_ref().map(|_| Vec::new());
+        fresh.failed = self.failed;
+        fresh.stats = self.stats;
+        *self = fresh;
+    }
+
     /// The commit watermark: every op up to it is committed (readable, and durable).
     pub fn committed_op(&self) -> u64 {
         self.committed_op

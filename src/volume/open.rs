@@ -14,6 +14,8 @@ use std::time::Instant;
 
 use crate::alloc::Allocator;
 use crate::btree::{Location, Piece};
+use crate::io::AlignedBuf;
+use crate::io::buf::IO_ALIGNMENT;
 use crate::journal::recovery::{self, RecoveryError};
 use crate::journal::superblock::{SUPERBLOCK_BYTES, Superblock, SuperblockError};
 use crate::volume::copy::{Durability, VolumeCopy};
@@ -191,6 +193,50 @@ pub fn open_copy(
     })
 }
 
+/// Reprovisioning in place: makes `copy`, whose store is `file`, an empty copy of the same volume
+/// (same name, size and layout; the file or block device is kept). The copy must be idle.
+///
+/// The one write is the superblock sector, with a new volume id, synced before the copy changes in
+/// memory. Recovery takes only journal blocks carrying the superblock's volume id, so the old journal
+/// is void from the moment that sector is durable, with nothing to erase. The sector is written
+/// atomically (one 512-byte sector, as at creation): a crash before it is durable leaves the old copy,
+/// after it the empty one, never a mix. The caller records the copy as incomplete (durably) first, so
+/// that either one restarts as a copy to be caught up, never as an in-sync slave.
+///
+/// Blocks its thread for one sector write and one `fdatasync` (a rare operation, like the authority).
+pub fn reset_copy(file: &File, copy: &mut VolumeCopy) -> io::Result<()> {
+    assert!(copy.is_idle(), "a copy is reset only when idle");
+    let old = copy.superblock().clone();
+    // The superblock's region ends where the journal starts: one aligned write covers it (O_DIRECT).
+    let region = usize::try_from(old.journal_offset).unwrap_or(usize::MAX);
+    assert!(
+        region >= IO_ALIGNMENT,
+        "the superblock region is at least one IO alignment unit"
+    );
+    let mut volume_id = random_volume_id()?;
+    while volume_id == old.volume_id {
+        volume_id = random_volume_id()?;
+    }
+    let superblock = Superblock {
+        volume_id,
+        ..old.clone()
+    };
+    let mut sector = AlignedBuf::with_capacity(IO_ALIGNMENT);
+    sector.set_len(IO_ALIGNMENT);
+    sector.as_mut_slice().fill(0);
+    sector.as_mut_slice()[..SUPERBLOCK_BYTES].copy_from_slice(&superblock.encode());
+    file.write_all_at(sector.as_slice(), 0)?;
+    file.sync_data()?;
+    tracing::info!(
+        volume = %old.name,
+        old_volume_id = old.volume_id,
+        new_volume_id = volume_id,
+        "store reset in place to an empty copy"
+    );
+    copy.reset(superblock);
+    Ok(())
+}
+
 fn grow(
     reader: &File,
     path: &Path,
@@ -276,4 +322,220 @@ fn random_volume_id() -> io::Result<u64> {
     let mut bytes = [0u8; 8];
     File::open("/dev/urandom")?.read_exact(&mut bytes)?;
     Ok(u64::from_le_bytes(bytes) | 1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::io::device::Device;
+    use crate::volume::{IoCompletion, IoFlags, IoKind, IoRequest, Origin};
+    use std::collections::VecDeque;
+
+    /// A device that carries out each operation at once with plain syscalls and hands the completion
+    /// back on the next `settle`: enough to drive a copy on a real file in a test.
+    struct FileDevice<'a> {
+        file: &'a File,
+        completed: VecDeque<(u32, i32)>,
+    }
+
+    fn result_of(outcome: io::Result<()>, length: usize) -> i32 {
+        match outcome {
+            Ok(()) => length as i32,
+            Err(error) => -error.raw_os_error().unwrap_or(libc::EIO),
+        }
+    }
+
+    impl Device for FileDevice<'_> {
+        unsafe fn write(
+            &mut self,
+            tag: u32,
+            address: u64,
+            data: *const u8,
+            length: usize,
+            _dsync: bool,
+        ) -> bool {
+            // SAFETY: the caller keeps `[data, data + length)` valid and unchanged until the
+            // completion, which is delivered after this call returns.
+            let bytes = unsafe { std::slice::from_raw_parts(data, length) };
+            let outcome = self.file.write_all_at(bytes, address);
+            let outcome = outcome.and_then(|()| self.file.sync_data());
+            self.completed.push_back((tag, result_of(outcome, length)));
+            true
+        }
+
+        unsafe fn read(&mut self, tag: u32, address: u64, data: *mut u8, length: usize) -> bool {
+            // SAFETY: the caller keeps `[data, data + length)` valid and untouched until the
+            // completion, which is delivered after this call returns.
+            let bytes = unsafe { std::slice::from_raw_parts_mut(data, length) };
+            let outcome = self.file.read_exact_at(bytes, address);
+            self.completed.push_back((tag, result_of(outcome, length)));
+            true
+        }
+
+        fn sync(&mut self, tag: u32) -> bool {
+            let outcome = self.file.sync_data();
+            self.completed.push_back((tag, result_of(outcome, 0)));
+            true
+        }
+    }
+
+    fn settle(copy: &mut VolumeCopy, device: &mut FileDevice<'_>) -> Vec<IoCompletion> {
+        let mut done = VecDeque::new();
+        for _ in 0..16 {
+            copy.end_iteration(device, &mut done);
+            while let Some((tag, result)) = device.completed.pop_front() {
+                copy.complete(tag, result, device, &mut done);
+            }
+        }
+        done.into()
+    }
+
+    fn request(kind: IoKind, offset: u64, fill: u8) -> IoRequest {
+        let mut buf = AlignedBuf::with_capacity(4096);
+        buf.set_len(4096);
+        buf.as_mut_slice().fill(fill);
+        IoRequest {
+            volume: 0,
+            kind,
+            flags: IoFlags::empty(),
+            offset,
+            length: 4096,
+            buf,
+            origin: Origin {
+                reactor: 0,
+                slot: 0,
+                connection: 1,
+                generation: 0,
+            },
+        }
+    }
+
+    fn read(copy: &mut VolumeCopy, device: &mut FileDevice<'_>, offset: u64) -> Vec<u8> {
+        let mut done = VecDeque::new();
+        copy.submit(request(IoKind::Read, offset, 0xee), device, &mut done);
+        let mut completions: Vec<IoCompletion> = done.into();
+        completions.extend(settle(copy, device));
+        assert_eq!(completions.len(), 1);
+        let completion = completions.pop().expect("one read");
+        assert_eq!(completion.result, Ok(4096));
+        completion.buf.as_slice().to_vec()
+    }
+
+    fn write(copy: &mut VolumeCopy, device: &mut FileDevice<'_>, offset: u64, fill: u8) {
+        let mut done = VecDeque::new();
+        copy.submit(request(IoKind::Write, offset, fill), device, &mut done);
+        let completions: Vec<IoCompletion> = done.into_iter().chain(settle(copy, device)).collect();
+        assert_eq!(completions.len(), 1);
+        assert_eq!(completions[0].result, Ok(4096));
+    }
+
+    fn open(path: &Path) -> OpenedCopy {
+        open_copy(
+            path,
+            "vol",
+            Some(4 << 20),
+            false,
+            Durability::Fdatasync,
+            false,
+        )
+        .expect("the store opens")
+    }
+
+    /// Reprovisioning in place on a real file: the reset copy reads as holes, is at op 0, keeps its
+    /// name, size and layout, and is what a restart recovers (the old journal is void); writes after
+    /// the reset are the only thing a later restart finds.
+    #[test]
+    fn a_reset_store_reopens_empty_with_the_same_identity() {
+        let dir = std::env::temp_dir().join(format!("ferroblock-reset-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        let path = dir.join("vol.fbv");
+        let _ = std::fs::remove_file(&path);
+
+        let mut opened = open(&path);
+        let old = opened.copy.superblock().clone();
+        {
+            let mut device = FileDevice {
+                file: &opened.file,
+                completed: VecDeque::new(),
+            };
+            for (index, offset) in [0u64, 8192, 1 << 20].into_iter().enumerate() {
+                write(&mut opened.copy, &mut device, offset, 0xa0 + index as u8);
+            }
+            assert_eq!(opened.copy.committed_op(), 3);
+            assert!(opened.copy.is_idle());
+        }
+        drop(opened);
+        let mut opened = open(&path);
+        assert_eq!(
+            opened.copy.committed_op(),
+            3,
+            "the data is durable before the reset"
+        );
+
+        reset_copy(&opened.file, &mut opened.copy).expect("reset");
+        let new = opened.copy.superblock().clone();
+        assert_ne!(new.volume_id, old.volume_id);
+        assert_eq!(
+            Superblock {
+                volume_id: old.volume_id,
+                ..new.clone()
+            },
+            old,
+            "same name, size and layout"
+        );
+        assert_eq!((opened.copy.committed_op(), opened.copy.next_op()), (0, 1));
+        assert!(opened.copy.changed_since(0).is_empty());
+        {
+            let mut device = FileDevice {
+                file: &opened.file,
+                completed: VecDeque::new(),
+            };
+            for offset in [0u64, 8192, 1 << 20] {
+                assert!(
+                    read(&mut opened.copy, &mut device, offset)
+                        .iter()
+                        .all(|&b| b == 0)
+                );
+            }
+        }
+        drop(opened);
+
+        // A restart finds the empty copy: no old journal block is replayed.
+        let mut opened = open(&path);
+        assert_eq!(opened.copy.superblock(), &new);
+        assert_eq!(opened.copy.committed_op(), 0);
+        assert!(opened.copy.changed_since(0).is_empty());
+        {
+            let mut device = FileDevice {
+                file: &opened.file,
+                completed: VecDeque::new(),
+            };
+            write(&mut opened.copy, &mut device, 8192, 0x77);
+        }
+        drop(opened);
+        let mut opened = open(&path);
+        assert_eq!(opened.copy.committed_op(), 1);
+        let mut device = FileDevice {
+            file: &opened.file,
+            completed: VecDeque::new(),
+        };
+        assert!(
+            read(&mut opened.copy, &mut device, 8192)
+                .iter()
+                .all(|&b| b == 0x77)
+        );
+        assert!(
+            read(&mut opened.copy, &mut device, 0)
+                .iter()
+                .all(|&b| b == 0)
+        );
+        assert!(
+            read(&mut opened.copy, &mut device, 1 << 20)
+                .iter()
+                .all(|&b| b == 0)
+        );
+        drop(device);
+        drop(opened);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }

@@ -117,4 +117,15 @@ impl ReplicaStore for VolumeReplica<'_> {
     fn set_serving(&mut self, writes: bool, reads: bool) {
         self.volume.set_gate(ServingGate { writes, reads });
     }
+
+    fn reset_when_idle(&mut self) -> std::io::Result<Option<u64>> {
+        let Store::Persistent { copy, file } = &mut self.volume.store else {
+            panic!("only persistent copies replicate");
+        };
+        if !copy.is_idle() {
+            return Ok(None);
+        }
+        crate::volume::open::reset_copy(file, copy)?;
+        Ok(Some(copy.committed_op()))
+    }
 }
