@@ -386,7 +386,12 @@ impl Reactor {
                 self.publish_loop_metrics();
             }
             self.mailbox().woke_up();
-            let mut worked = !events.is_empty();
+            // Replication sockets count as work only through what the hub then does (below): an ack
+            // that commits nothing must not restart the adaptive spin, which would hold the core
+            // against the fsync worker and block-layer work the host's write is waiting for.
+            let mut worked = events
+                .iter()
+                .any(|event| event.token().0 < REPLICATION_TOKEN_BASE);
             for event in events.iter() {
                 match event.token() {
                     WAKER_TOKEN => {}
@@ -420,7 +425,7 @@ impl Reactor {
                 if let Err(error) = self.router.uring.submit() {
                     tracing::error!(reactor = self.id, %error, "io_uring submit failed");
                 }
-                self.run_replication();
+                worked |= self.run_replication();
                 self.deliver();
                 self.end_volume_iterations();
                 self.deliver();
@@ -443,13 +448,15 @@ impl Reactor {
         }
     }
 
-    /// Lets the replication hub serve its sockets and drive its peers against the owned volumes.
-    fn run_replication(&mut self) {
+    /// Lets the replication hub serve its sockets and drive its peers against the owned volumes;
+    /// whether that completed host requests or started device IO (work worth spinning after).
+    fn run_replication(&mut self) -> bool {
         let Some(mut hub) = self.replication.take() else {
-            return;
+            return false;
         };
         let router = &mut self.router;
         let before = router.done.len();
+        let in_flight_before = router.uring.in_flight();
         hub.run(
             self.poll.registry(),
             &mut Stores {
@@ -458,8 +465,10 @@ impl Reactor {
                 done: &mut router.done,
             },
         );
+        let progress = router.done.len() != before || router.uring.in_flight() != in_flight_before;
         router.send_foreign_completions(before);
         self.replication = Some(hub);
+        progress
     }
 
     fn publish_loop_metrics(&mut self) {
