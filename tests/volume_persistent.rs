@@ -463,6 +463,60 @@ fn new_stores_are_reserved_unless_sparse() {
                 "{volume}: only {allocated} of {} bytes reserved",
                 metadata.len()
             );
+            journal_is_written(&dir.join(&format!("{volume}.fbv")), 64 * MIB);
         }
     }
+}
+
+/// A reserved store's journal region holds written blocks (zeros) from creation, not "unwritten"
+/// extents, while its data area is still unwritten: `filefrag -v` (FIEMAP) tells them apart.
+fn journal_is_written(store: &Path, volume_size: u64) {
+    require_tool("filefrag");
+    let layout = ferroblock::journal::superblock::Superblock::new_layout(1, "vol0", volume_size);
+    let block = 4096;
+    let journal = (
+        layout.journal_offset / block,
+        layout.data_offset / block, // exclusive
+    );
+    let out = run_bounded(
+        Command::new("filefrag").args(["-v", "-b4096", store.to_str().expect("utf-8 path")]),
+        DEADLINE,
+    );
+    assert!(out.status.success(), "filefrag: {}", describe(&out));
+    let text = String::from_utf8_lossy(&out.stdout);
+    // Rows: "  0:        0..   30719:   52692992..  52723711:  30720:            flags"
+    let mut journal_unwritten = Vec::new();
+    let mut data_unwritten = false;
+    for line in text.lines() {
+        let Some((_, rest)) = line.split_once(':') else {
+            continue;
+        };
+        let Some((range, _)) = rest.split_once(':') else {
+            continue;
+        };
+        let Some((first, last)) = range.trim().split_once("..") else {
+            continue;
+        };
+        let (Ok(first), Ok(last)) = (first.trim().parse::<u64>(), last.trim().parse::<u64>())
+        else {
+            continue;
+        };
+        if !line.contains("unwritten") {
+            continue;
+        }
+        if first < journal.1 && last >= journal.0 {
+            journal_unwritten.push(line.to_string());
+        }
+        if last >= journal.1 {
+            data_unwritten = true;
+        }
+    }
+    assert!(
+        journal_unwritten.is_empty(),
+        "journal blocks {journal:?} still unwritten: {journal_unwritten:?}\n{text}"
+    );
+    assert!(
+        data_unwritten,
+        "no unwritten data extent: the check cannot tell written from reserved here\n{text}"
+    );
 }
