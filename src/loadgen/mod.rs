@@ -11,6 +11,7 @@
 pub mod nbd;
 pub mod ops;
 pub mod report;
+pub mod slots;
 pub mod uring;
 pub mod verify;
 pub mod workload;

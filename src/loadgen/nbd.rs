@@ -14,6 +14,7 @@ use std::sync::mpsc::Sender;
 use std::time::{Duration, Instant};
 
 use super::ops::OpPicker;
+use super::slots::{InFlight, LoopTime, wait_until_due};
 use super::verify;
 use super::workload::{PollMode, Workload, WorkloadError};
 use super::{BenchError, IntervalHistogram, IntervalRecorder, Progress, RunClock};
@@ -214,14 +215,17 @@ fn wait_ready(fd: i32, events: i16, timeout: Duration) -> io::Result<()> {
     Ok(())
 }
 
-#[derive(Debug, Clone, Copy)]
-struct Slot {
-    busy: bool,
-    is_write: bool,
-    offset: u64,
-    length: u32,
-    started: Instant,
-    measured: bool,
+impl ConnectionTotals {
+    /// A read whose data failed `--verify`: counted, and reported for the first few.
+    pub(crate) fn verify_failed(&mut self, failure: &impl std::fmt::Display, request: &InFlight) {
+        self.errors_verify += 1;
+        if self.errors_verify <= ERROR_REPORTS_MAX {
+            eprintln!(
+                "ferroblock bench: {failure} (in a {}-byte read at offset {})",
+                request.length, request.offset
+            );
+        }
+    }
 }
 
 /// Runs the workload's share for connection `index` on an established connection.
@@ -255,17 +259,7 @@ pub fn run(
         (0..block_size_max).map(|_| picker.payload_byte()).collect()
     };
 
-    let mut slots = vec![
-        Slot {
-            busy: false,
-            is_write: false,
-            offset: 0,
-            length: 0,
-            started: start,
-            measured: false,
-        };
-        queue_depth
-    ];
+    let mut slots = vec![InFlight::idle(start); queue_depth];
     let mut free: Vec<usize> = (0..queue_depth).rev().collect();
     let mut out: Vec<u8> = Vec::with_capacity(queue_depth * (REQUEST_HEADER_LEN + block_size_max));
     let mut out_position = 0usize;
@@ -277,32 +271,17 @@ pub fn run(
     let mut totals = ConnectionTotals::default();
     let mut last_progress = start;
     let measure_from = start + workload.ramp;
-    // Whether the previous loop iteration moved any bytes, and when it began (for idle/busy time).
-    let mut moved = true;
-    let mut iteration_began = start;
+    // An iteration works when it moves bytes.
+    let mut time = LoopTime::new(start, measure_from);
 
     loop {
         let now = Instant::now();
-        if iteration_began >= measure_from {
-            let nanos = now.duration_since(iteration_began).as_nanos() as u64;
-            if moved {
-                totals.busy_nanos += nanos;
-            } else {
-                totals.idle_nanos += nanos;
-            }
-        }
-        iteration_began = now;
-        moved = false;
+        time.next_iteration(now, &mut totals);
         let stopping = picker.is_done(now);
         // Queue new requests while slots are free (and, under a rate limit, while they are due).
         while !free.is_empty() {
-            let overlaps = |offset: u64, length: u32| {
-                slots.iter().any(|slot| {
-                    slot.busy
-                        && offset < slot.offset + u64::from(slot.length)
-                        && slot.offset < offset + u64::from(length)
-                })
-            };
+            let overlaps =
+                |offset: u64, length: u32| slots.iter().any(|slot| slot.overlaps(offset, length));
             let Some(op) = picker.pick(now, overlaps) else {
                 break;
             };
@@ -335,7 +314,7 @@ pub fn run(
                     out.extend_from_slice(&payload[..op.length as usize]);
                 }
             }
-            slots[slot_index] = Slot {
+            slots[slot_index] = InFlight {
                 busy: true,
                 is_write: op.is_write,
                 offset: op.offset,
@@ -349,7 +328,9 @@ pub fn run(
         if out_position < out.len() {
             if let Some(sent) = send_some(fd, &out[out_position..]).map_err(BenchError::Io)? {
                 out_position += sent;
-                moved = sent > 0;
+                if sent > 0 {
+                    time.worked();
+                }
             }
             if out_position == out.len() {
                 out.clear();
@@ -360,13 +341,7 @@ pub fn run(
             if stopping {
                 break;
             }
-            if let Some(due) = picker.next_due() {
-                // Nothing in flight; under a rate limit, wait for the next due request.
-                let wait = due.saturating_duration_since(Instant::now());
-                if workload.poll == PollMode::Interrupt && !wait.is_zero() {
-                    std::thread::sleep(wait.min(STALL_LIMIT));
-                }
-            }
+            wait_until_due(&picker, workload.poll, STALL_LIMIT);
             last_progress = Instant::now();
             continue;
         }
@@ -390,7 +365,7 @@ pub fn run(
             }
             Some(received) => {
                 input_end += received;
-                moved = true;
+                time.worked();
             }
             None => {}
         }
@@ -437,13 +412,7 @@ pub fn run(
                     && !slot.is_write
                     && let Err(failure) = verify::check(data, slot.offset)
                 {
-                    totals.errors_verify += 1;
-                    if totals.errors_verify <= ERROR_REPORTS_MAX {
-                        eprintln!(
-                            "ferroblock bench: {failure} (in a {}-byte read at offset {})",
-                            slot.length, slot.offset
-                        );
-                    }
+                    totals.verify_failed(&failure, &slot);
                 }
                 input_start += total_len;
                 slots[slot_index].busy = false;
@@ -451,23 +420,14 @@ pub fn run(
                 in_flight -= 1;
                 completed_ops += 1;
                 completed_bytes += u64::from(slot.length);
-                if !slot.measured {
-                    continue;
-                }
-                if slot.is_write {
-                    totals.writes += 1;
-                } else {
-                    totals.reads += 1;
-                }
-                totals.bytes += u64::from(slot.length);
-                recorder.record(clock, slot.started, done_at);
+                slot.count_finished(&mut totals, &mut recorder, clock, done_at);
             }
         }
         if completed_ops > 0 {
             progress.ops.fetch_add(completed_ops, Ordering::Relaxed);
             progress.bytes.fetch_add(completed_bytes, Ordering::Relaxed);
         }
-        if moved {
+        if time.has_worked() {
             last_progress = now;
             continue;
         }

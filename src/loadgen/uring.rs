@@ -18,6 +18,7 @@ use io_uring::{opcode, types};
 
 use super::nbd::{ConnectionTotals, ERROR_REPORTS_MAX};
 use super::ops::OpPicker;
+use super::slots::{InFlight, LoopTime, wait_until_due};
 use super::verify;
 use super::workload::{PollMode, Workload};
 use super::{BenchError, IntervalHistogram, IntervalRecorder, Progress, RunClock};
@@ -72,12 +73,7 @@ pub fn open(path: &Path, writes: bool) -> Result<FileTarget, BenchError> {
 }
 
 struct Slot {
-    busy: bool,
-    is_write: bool,
-    offset: u64,
-    length: u32,
-    started: Instant,
-    measured: bool,
+    request: InFlight,
     buffer: AlignedBuf,
 }
 
@@ -102,12 +98,7 @@ pub fn run(
     })?;
     let mut slots: Vec<Slot> = (0..workload.queue_depth)
         .map(|_| Slot {
-            busy: false,
-            is_write: false,
-            offset: 0,
-            length: 0,
-            started: Instant::now(),
-            measured: false,
+            request: InFlight::idle(Instant::now()),
             buffer: AlignedBuf::with_capacity(block_size_max),
         })
         .collect();
@@ -122,30 +113,18 @@ pub fn run(
     let mut totals = ConnectionTotals::default();
     let mut last_progress = start;
     let measure_from = start + workload.ramp;
-    // Whether the previous loop iteration reaped anything, and when it began (for idle/busy time).
-    let mut reaped = true;
-    let mut iteration_began = start;
+    // An iteration works when it reaps completions.
+    let mut time = LoopTime::new(start, measure_from);
 
     loop {
         let now = Instant::now();
-        if iteration_began >= measure_from {
-            let nanos = now.duration_since(iteration_began).as_nanos() as u64;
-            if reaped {
-                totals.busy_nanos += nanos;
-            } else {
-                totals.idle_nanos += nanos;
-            }
-        }
-        iteration_began = now;
-        reaped = false;
+        time.next_iteration(now, &mut totals);
         let stopping = picker.is_done(now);
         while !free.is_empty() && ring.has_room() {
             let overlaps = |offset: u64, length: u32| {
-                slots.iter().any(|slot| {
-                    slot.busy
-                        && offset < slot.offset + u64::from(slot.length)
-                        && slot.offset < offset + u64::from(length)
-                })
+                slots
+                    .iter()
+                    .any(|slot| slot.request.overlaps(offset, length))
             };
             let Some(op) = picker.pick(now, overlaps) else {
                 break;
@@ -186,12 +165,14 @@ pub fn run(
                     "io_uring refused an entry although it had room",
                 )));
             }
-            slot.busy = true;
-            slot.is_write = op.is_write;
-            slot.offset = op.offset;
-            slot.length = op.length;
-            slot.started = op.started;
-            slot.measured = op.measured;
+            slot.request = InFlight {
+                busy: true,
+                is_write: op.is_write,
+                offset: op.offset,
+                length: op.length,
+                started: op.started,
+                measured: op.measured,
+            };
         }
         ring.submit().map_err(BenchError::Io)?;
 
@@ -199,12 +180,7 @@ pub fn run(
             if stopping {
                 break;
             }
-            if let Some(due) = picker.next_due() {
-                let wait = due.saturating_duration_since(Instant::now());
-                if workload.poll == PollMode::Interrupt && !wait.is_zero() {
-                    std::thread::sleep(wait.min(STALL_LIMIT));
-                }
-            }
+            wait_until_due(&picker, workload.poll, STALL_LIMIT);
             last_progress = Instant::now();
             continue;
         }
@@ -222,16 +198,17 @@ pub fn run(
             continue;
         }
         last_progress = now;
-        reaped = true;
+        time.worked();
         let done_at = Instant::now();
         let mut completed_bytes = 0u64;
         for &(user_data, result) in &completions {
             let slot_index = user_data as usize;
             let slot = &mut slots[slot_index];
-            debug_assert!(slot.busy, "completion for an idle slot {slot_index}");
-            slot.busy = false;
+            let request = slot.request;
+            debug_assert!(request.busy, "completion for an idle slot {slot_index}");
+            slot.request.busy = false;
             free.push(slot_index);
-            if result != slot.length as i32 {
+            if result != request.length as i32 {
                 totals.errors_io += 1;
                 if totals.errors_io <= ERROR_REPORTS_MAX {
                     let what = if result < 0 {
@@ -241,34 +218,19 @@ pub fn run(
                     };
                     eprintln!(
                         "ferroblock bench: {} of {} bytes at offset {} failed: {what}",
-                        if slot.is_write { "write" } else { "read" },
-                        slot.length,
-                        slot.offset
+                        if request.is_write { "write" } else { "read" },
+                        request.length,
+                        request.offset
                     );
                 }
             } else if workload.verify
-                && !slot.is_write
-                && let Err(failure) = verify::check(slot.buffer.as_slice(), slot.offset)
+                && !request.is_write
+                && let Err(failure) = verify::check(slot.buffer.as_slice(), request.offset)
             {
-                totals.errors_verify += 1;
-                if totals.errors_verify <= ERROR_REPORTS_MAX {
-                    eprintln!(
-                        "ferroblock bench: {failure} (in a {}-byte read at offset {})",
-                        slot.length, slot.offset
-                    );
-                }
+                totals.verify_failed(&failure, &request);
             }
-            completed_bytes += u64::from(slot.length);
-            if !slot.measured {
-                continue;
-            }
-            if slot.is_write {
-                totals.writes += 1;
-            } else {
-                totals.reads += 1;
-            }
-            totals.bytes += u64::from(slot.length);
-            recorder.record(clock, slot.started, done_at);
+            completed_bytes += u64::from(request.length);
+            request.count_finished(&mut totals, &mut recorder, clock, done_at);
         }
         progress
             .ops
