@@ -4,7 +4,7 @@ mod common;
 
 use std::net::TcpListener;
 use std::os::unix::fs::PermissionsExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::sync::Arc;
 use std::time::Duration;
@@ -54,6 +54,16 @@ fn init(dir: &Path, nodes: &str, base_port: u16) -> Output {
     ])
 }
 
+/// A temporary directory with a cluster from `cluster init` in its `c/` (which must succeed): the
+/// directory (kept alive by the caller) and the cluster's directory.
+fn initialized(tag: &str, nodes: &str, base_port: u16) -> (TempDir, PathBuf) {
+    let temp = TempDir::new(tag);
+    let dir = temp.join("c");
+    let out = init(&dir, nodes, base_port);
+    assert_eq!(out.status.code(), Some(0), "{}", describe(&out));
+    (temp, dir)
+}
+
 fn status_json(config: &Path) -> ClusterReport {
     let out = ferroblock(&["status", "--config", config.to_str().unwrap(), "--json"]);
     assert_eq!(out.status.code(), Some(0), "{}", describe(&out));
@@ -64,10 +74,7 @@ fn status_json(config: &Path) -> ClusterReport {
 
 #[test]
 fn init_writes_the_config_the_authority_and_data_dirs() {
-    let temp = TempDir::new("cluster-init");
-    let dir = temp.join("c");
-    let out = init(&dir, "3", 20000);
-    assert_eq!(out.status.code(), Some(0), "{}", describe(&out));
+    let (_temp, dir) = initialized("cluster-init", "3", 20000);
 
     let config_path = dir.join("cluster.toml");
     let mode = std::fs::metadata(&config_path)
@@ -111,10 +118,7 @@ fn init_writes_the_config_the_authority_and_data_dirs() {
 
 #[test]
 fn init_refuses_to_overwrite_and_bad_values() {
-    let temp = TempDir::new("cluster-init-refuse");
-    let dir = temp.join("c");
-    let out = init(&dir, "2", 20000);
-    assert_eq!(out.status.code(), Some(0), "{}", describe(&out));
+    let (temp, dir) = initialized("cluster-init-refuse", "2", 20000);
     let config_path = dir.join("cluster.toml");
     let before = std::fs::read(&config_path).unwrap();
 
@@ -166,10 +170,11 @@ fn init_refuses_to_overwrite_and_bad_values() {
 
 #[test]
 fn status_shows_the_authority_and_offline_nodes() {
-    let temp = TempDir::new("cluster-status-offline");
-    let dir = temp.join("c");
-    let out = init(&dir, "2", base_port_with_free_metrics_ports());
-    assert_eq!(out.status.code(), Some(0), "{}", describe(&out));
+    let (_temp, dir) = initialized(
+        "cluster-status-offline",
+        "2",
+        base_port_with_free_metrics_ports(),
+    );
     let config_path = dir.join("cluster.toml");
 
     let out = ferroblock(&["status", "--config", config_path.to_str().unwrap()]);
@@ -238,10 +243,11 @@ fn status_shows_the_authority_and_offline_nodes() {
 /// a replicated server) is shown with its role, op and watermark; the other stays offline.
 #[test]
 fn status_reads_a_live_node() {
-    let temp = TempDir::new("cluster-status-live");
-    let dir = temp.join("c");
-    let out = init(&dir, "2", base_port_with_free_metrics_ports());
-    assert_eq!(out.status.code(), Some(0), "{}", describe(&out));
+    let (_temp, dir) = initialized(
+        "cluster-status-live",
+        "2",
+        base_port_with_free_metrics_ports(),
+    );
     let config_path = dir.join("cluster.toml");
 
     let metrics = Arc::new(Metrics::new(&["vol0"], 1));
@@ -304,10 +310,11 @@ fn status_reads_a_live_node() {
 
 #[test]
 fn status_exits_1_when_config_or_authority_cannot_be_read() {
-    let temp = TempDir::new("cluster-status-broken");
-    let dir = temp.join("c");
-    let out = init(&dir, "2", base_port_with_free_metrics_ports());
-    assert_eq!(out.status.code(), Some(0), "{}", describe(&out));
+    let (temp, dir) = initialized(
+        "cluster-status-broken",
+        "2",
+        base_port_with_free_metrics_ports(),
+    );
     let config_path = dir.join("cluster.toml");
     let authority_path = dir.join("authority.json");
 
@@ -343,10 +350,7 @@ fn status_exits_1_when_config_or_authority_cannot_be_read() {
 
 #[test]
 fn serve_with_a_cluster_config_checks_the_node() {
-    let temp = TempDir::new("cluster-serve");
-    let dir = temp.join("c");
-    let out = init(&dir, "2", 20000);
-    assert_eq!(out.status.code(), Some(0), "{}", describe(&out));
+    let (_temp, dir) = initialized("cluster-serve", "2", 20000);
     let config = dir.join("cluster.toml");
     let config = config.to_str().unwrap();
 
