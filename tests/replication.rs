@@ -188,6 +188,12 @@ fn qemu_io_refused(uri: &str) {
     );
 }
 
+/// SIGKILL a node and reap it.
+fn kill(node: &mut Server) {
+    node.signal(libc::SIGKILL);
+    node.wait_exit(DEADLINE);
+}
+
 /// An NBD trim through qemu-io (`-d unmap`: qemu-io drops discards otherwise).
 fn discard(uri: &str, offset: &str, length: &str) {
     require_tool("qemu-io");
@@ -253,8 +259,7 @@ fn master_and_slave_fail_over_both_ways_and_catch_up() {
     }
 
     // The master dies: the slave takes over with everything acknowledged.
-    n1.signal(libc::SIGKILL);
-    n1.wait_exit(DEADLINE);
+    kill(&mut n1);
     cluster.wait_roles("offline", "solo-master");
     qemu_io(
         &cluster.uri("n2"),
@@ -278,8 +283,7 @@ fn master_and_slave_fail_over_both_ways_and_catch_up() {
     qemu_io_refused(&cluster.uri("n1"));
 
     // The slave dies: the master goes on alone.
-    n1.signal(libc::SIGKILL);
-    n1.wait_exit(DEADLINE);
+    kill(&mut n1);
     cluster.wait_roles("offline", "solo-master");
     qemu_io(&cluster.uri("n2"), &["write -P 0xc1 30M 128k"]);
     // It returns and catches up again.
@@ -288,8 +292,7 @@ fn master_and_slave_fail_over_both_ways_and_catch_up() {
     cluster.wait_in_sync();
 
     // Now the other master dies: n1 serves A, B and C.
-    n2.signal(libc::SIGKILL);
-    n2.wait_exit(DEADLINE);
+    kill(&mut n2);
     cluster.wait_roles("solo-master", "offline");
     qemu_io(
         &cluster.uri("n1"),
@@ -342,8 +345,7 @@ fn master_killed_mid_write_loses_no_acknowledged_write() {
         );
         thread::sleep(Duration::from_millis(20));
     }
-    n1.signal(libc::SIGKILL);
-    n1.wait_exit(DEADLINE);
+    kill(&mut n1);
     let _ = wait_child(&mut writer, DEADLINE);
     cluster.wait_roles("offline", "solo-master");
     let out = run_bounded(
@@ -560,8 +562,7 @@ fn a_copy_holding_a_dropped_history_is_reset_in_place() {
         );
         thread::sleep(Duration::from_millis(50));
     }
-    n1.signal(libc::SIGKILL);
-    n1.wait_exit(DEADLINE);
+    kill(&mut n1);
     let _ = wait_child(&mut writer, DEADLINE);
 
     // n1 restarts (the real authority, the link healed): dropped below its watermark, it resets its
@@ -588,8 +589,7 @@ fn a_copy_holding_a_dropped_history_is_reset_in_place() {
     cluster.wait_in_sync();
 
     // The reset copy is whole: n2 dies, n1 takes over and serves A and C, and never B.
-    n2.signal(libc::SIGKILL);
-    n2.wait_exit(DEADLINE);
+    kill(&mut n2);
     cluster.wait_roles("solo-master", "offline");
     qemu_io(
         &cluster.uri("n1"),
