@@ -6,7 +6,7 @@
 //! io_uring_enter instead). `--spin` polls without yielding.
 //!
 //! cargo run --release --example volume-bench -- --path /var/tmp/v.fbv --size 1G --rw randwrite \
-//!     --bs 4096 --qd 32 --seconds 10 [--ramp 0] [--durability fdatasync|dsync] [--ops N] [--prefill]
+//!     --bs 4096 --qd 32 --seconds 10 [--ramp 0] [--durability fdatasync|dsync|write-back] [--ops N] [--prefill]
 //!     [--recover] [--spin]
 //!
 //! Prints one JSON object: iops, mean/p50/p99 latency, write amplification (device bytes written per
@@ -78,10 +78,11 @@ fn parse() -> Options {
             "--ramp" => options.ramp = value().parse().expect("--ramp"),
             "--ops" => options.ops = value().parse().expect("--ops"),
             "--durability" => {
-                options.durability = if value() == "dsync" {
-                    Durability::Dsync
-                } else {
-                    Durability::Fdatasync
+                options.durability = match value().as_str() {
+                    "dsync" => Durability::Dsync,
+                    "write-back" => Durability::WriteBack,
+                    "fdatasync" => Durability::Fdatasync,
+                    other => panic!("unknown --durability {other}"),
                 }
             }
             "--prefill" => {

@@ -88,7 +88,9 @@ pub struct ServeArgs {
     #[arg(long)]
     pub sparse: bool,
 
-    /// How a persistent volume makes notes durable: one fdatasync per batch, or RWF_DSYNC writes.
+    /// When a persistent volume acknowledges writes. fdatasync and dsync: once durable (one
+    /// fdatasync per batch, or RWF_DSYNC writes; FLUSH and FUA cost nothing). write-back: once on the
+    /// device, like a disk with a volatile write cache (FLUSH and FUA sync; single-node volumes only).
     #[arg(long, value_enum, default_value_t = Durability::Fdatasync)]
     pub durability: Durability,
 

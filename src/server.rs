@@ -44,6 +44,11 @@ pub enum ServeError {
     Signals(std::io::Error),
     #[error("authority: {0}")]
     Authority(String),
+    #[error(
+        "--durability write-back is for single-node volumes: a replicated write is acknowledged \
+         only once both copies have it committed durably (use fdatasync or dsync)"
+    )]
+    WriteBackReplicated,
     #[error("reactor {reactor} failed: {source}")]
     ReactorFailed {
         reactor: usize,
@@ -283,6 +288,9 @@ pub fn serve_node(
     use crate::replication::hub::{HubSettings, ReplicatedVolume, ReplicationHub};
     use crate::replication::peer::Timing;
 
+    if config.durability == crate::volume::copy::Durability::WriteBack {
+        return Err(ServeError::WriteBackReplicated);
+    }
     let node = cluster.node(node_id).expect("checked by load_serve_node");
     std::fs::create_dir_all(&node.data_dir).map_err(|source| ServeError::DataDir {
         path: node.data_dir.clone(),

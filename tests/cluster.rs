@@ -373,5 +373,21 @@ fn serve_with_a_cluster_config_checks_the_node() {
         "n1",
     ]);
     assert_eq!(out.status.code(), Some(2), "{}", describe(&out));
+    // Write-back acknowledges writes the device has not synced: never on a replicated volume.
+    let out = ferroblock(&[
+        "serve",
+        "--config",
+        config,
+        "--node",
+        "n1",
+        "--durability",
+        "write-back",
+    ]);
+    assert_ne!(out.status.code(), Some(0), "{}", describe(&out));
+    assert!(
+        text(&out.stderr).contains("write-back is for single-node volumes"),
+        "{}",
+        describe(&out)
+    );
     // A valid node serves: tests/replication.rs runs nodes.
 }

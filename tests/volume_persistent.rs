@@ -64,13 +64,27 @@ fn verify(uri: &str, log: &Path) {
 /// recoveries left.
 #[test]
 fn sigkill_under_load_loses_no_acknowledged_write() {
+    sigkill_cycles("fdatasync");
+}
+
+/// The same in write-back mode: a write is acknowledged once the device has it (not yet synced), which
+/// a process kill cannot undo: the kernel finishes every write the process submitted.
+#[test]
+fn sigkill_under_load_loses_no_acknowledged_write_in_write_back() {
+    sigkill_cycles("write-back");
+}
+
+fn sigkill_cycles(durability: &str) {
     require_python_libnbd();
     let dir = TempDir::new("crash");
     let log = dir.join("requests.log");
     let mut rng = Rng::new(0x5eed);
     for cycle in 0..5u64 {
-        let size: &[&str] = if cycle == 0 { &["--size", "64M"] } else { &[] };
-        let mut server = serve(dir.path(), size);
+        let mut args = vec!["--durability", durability];
+        if cycle == 0 {
+            args.extend(["--size", "64M"]);
+        }
+        let mut server = serve(dir.path(), &args);
         if cycle > 0 {
             verify(&server.uri, &log);
         }
@@ -96,7 +110,7 @@ fn sigkill_under_load_loses_no_acknowledged_write() {
             common::wait_child(&mut writer, DEADLINE).expect("writer ends when the server dies");
         assert!(status.success(), "writer failed: {status:?}");
     }
-    let server = serve(dir.path(), &[]);
+    let server = serve(dir.path(), &["--durability", durability]);
     verify(&server.uri, &log);
 }
 

@@ -16,9 +16,16 @@ use crate::journal::format::{
 };
 use crate::journal::superblock::Superblock;
 
-/// Journal blocks a writer may have in flight at once; recovery looks this far past a torn block for
-/// proof that it had been durable.
-pub const JOURNAL_BLOCKS_IN_FLIGHT_MAX: u64 = 64;
+/// Journal blocks a writer may have in flight (sealed, not known durable) at once; recovery looks this
+/// far past a torn block for proof that it had been durable. A writer may keep fewer (a small ring
+/// allows a quarter of itself). Looking further than a writer went is safe: only a block with exactly
+/// the seq looked for, of the chain's incarnation or a later one, counts as proof, and any such block
+/// was written after the torn one was known durable. (Format version 2 stores written with a limit
+/// of 64 recover the same.) Write-back syncs when half of its limit is unsynced, because a sync costs
+/// about as much as the data written since the last one (the device writes back its cache) and
+/// stalls the writes behind it: fewer, larger syncs are cheaper. The writer keeps only the blocks'
+/// positions once they are written, not their bytes.
+pub const JOURNAL_BLOCKS_IN_FLIGHT_MAX: u64 = 4096;
 /// Bytes read from the device per request while scanning.
 const SCAN_CHUNK_BYTES: usize = 1 << 20;
 

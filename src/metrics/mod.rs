@@ -16,6 +16,7 @@ use std::time::Duration;
 
 use crate::cluster::status::StatusBoard;
 use crate::volume::IoKind;
+use crate::volume::copy::CopyStats;
 
 /// Histogram buckets: upper bounds 2^10 ns (~1 µs) .. 2^32 ns (~4.3 s), then +Inf.
 const BUCKET_FIRST_SHIFT: u32 = 10;
@@ -96,6 +97,10 @@ pub struct VolumeMetrics {
     latency_flush: LatencyHistogram,
     next_op: AtomicU64,
     committed_op: AtomicU64,
+    /// Persistent volumes: device syncs (fdatasync) issued, journal and data bytes written.
+    syncs: AtomicU64,
+    journal_bytes: AtomicU64,
+    data_bytes: AtomicU64,
 }
 
 impl VolumeMetrics {
@@ -111,6 +116,9 @@ impl VolumeMetrics {
             latency_flush: LatencyHistogram::default(),
             next_op: AtomicU64::new(0),
             committed_op: AtomicU64::new(0),
+            syncs: AtomicU64::new(0),
+            journal_bytes: AtomicU64::new(0),
+            data_bytes: AtomicU64::new(0),
         }
     }
 
@@ -140,9 +148,16 @@ impl VolumeMetrics {
     }
 
     /// Op numbers of a persistent volume (the next to assign, and the commit watermark).
-    pub fn set_op_numbers(&self, next_op: u64, committed_op: u64) {
-        self.next_op.store(next_op, Ordering::Relaxed);
-        self.committed_op.store(committed_op, Ordering::Relaxed);
+    /// A persistent volume copy's op numbers and store counters.
+    pub fn set_copy_stats(&self, stats: &CopyStats) {
+        self.next_op.store(stats.next_op, Ordering::Relaxed);
+        self.committed_op
+            .store(stats.committed_op, Ordering::Relaxed);
+        self.syncs.store(stats.syncs, Ordering::Relaxed);
+        self.journal_bytes
+            .store(stats.journal_bytes_written, Ordering::Relaxed);
+        self.data_bytes
+            .store(stats.data_bytes_written, Ordering::Relaxed);
     }
 }
 
@@ -157,6 +172,26 @@ pub struct ReactorMetrics {
     pub idle_ns: AtomicU64,
     /// Everything else: work and busy polling.
     pub busy_ns: AtomicU64,
+}
+
+/// Writes one sample per volume of each family, of Prometheus type `kind`.
+fn render_per_volume<Value: std::fmt::Display>(
+    out: &mut String,
+    kind: &str,
+    families: &[Family<VolumeMetrics, Value>],
+    volumes: &[VolumeMetrics],
+) {
+    for (name, help, value) in families {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+        for volume in volumes {
+            let _ = writeln!(
+                out,
+                "{name}{{volume=\"{}\"}} {}",
+                volume.name,
+                value(volume)
+            );
+        }
+    }
 }
 
 /// One replication gauge's value for a volume, if it has one.
@@ -254,17 +289,25 @@ impl Metrics {
                 |v| v.committed_op.load(Ordering::Relaxed) as i64,
             ),
         ];
-        for (name, help, value) in gauges {
-            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge");
-            for volume in &self.volumes {
-                let _ = writeln!(
-                    out,
-                    "{name}{{volume=\"{}\"}} {}",
-                    volume.name,
-                    value(volume)
-                );
-            }
-        }
+        render_per_volume(&mut out, "gauge", &gauges, &self.volumes);
+        let store_counters: [Family<VolumeMetrics, u64>; 3] = [
+            (
+                "ferroblock_store_syncs_total",
+                "Device syncs (fdatasync) a persistent volume issued.",
+                |v| v.syncs.load(Ordering::Relaxed),
+            ),
+            (
+                "ferroblock_store_journal_bytes_total",
+                "Journal bytes a persistent volume wrote.",
+                |v| v.journal_bytes.load(Ordering::Relaxed),
+            ),
+            (
+                "ferroblock_store_data_bytes_total",
+                "Note data bytes a persistent volume wrote.",
+                |v| v.data_bytes.load(Ordering::Relaxed),
+            ),
+        ];
+        render_per_volume(&mut out, "counter", &store_counters, &self.volumes);
         let name = "ferroblock_request_duration_seconds";
         let _ = writeln!(
             out,
@@ -447,6 +490,8 @@ mod tests {
         assert!(text.contains("ferroblock_requests_total{volume=\"vol0\",kind=\"write\"} 1"));
         assert!(text.contains("ferroblock_bytes_total{volume=\"vol0\",kind=\"write\"} 4096"));
         assert!(text.contains("ferroblock_requests_in_flight{volume=\"vol0\"} 0"));
+        assert!(text.contains("# TYPE ferroblock_store_syncs_total counter"));
+        assert!(text.contains("ferroblock_store_syncs_total{volume=\"vol0\"} 0"));
         assert!(text.contains("ferroblock_reactor_iterations_total{reactor=\"1\"} 0"));
     }
 

@@ -639,8 +639,8 @@ impl Reactor {
             let before = router.done.len();
             if let Some(volume) = router.volumes[index].as_mut() {
                 volume.end_iteration(&mut router.uring, &mut router.done);
-                if let Some((next_op, committed_op)) = volume.op_numbers() {
-                    self.metrics.volumes[index].set_op_numbers(next_op, committed_op);
+                if let Some(stats) = volume.copy_stats() {
+                    self.metrics.volumes[index].set_copy_stats(&stats);
                 }
             }
             router.send_foreign_completions(before);

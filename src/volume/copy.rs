@@ -8,10 +8,14 @@
 //! note record into the journal block of this reactor iteration. When the block and the data are durable
 //! (one fdatasync for the whole batch, or RWF_DSYNC writes) the notes are committed strictly in op order:
 //! inserted into the extent map, which makes them readable, and only then acknowledged. Space the commit
-//! overwrites is freed once no read that could still be using it is in flight.
+//! overwrites is freed once no read that could still be using it is in flight. `Durability::WriteBack`
+//! is the one exception to "durable before readable": there a note commits once written (the
+//! device's volatile cache holds it, so a process crash cannot lose it), and only FLUSH, FUA and the
+//! copy's own needs (space reuse, checkpoints, journal room) wait for a sync.
 //!
-//! Must never: make a note readable before it is durable, commit out of op order, acknowledge a write
-//! that failed or is not durable, reuse data space a committed extent, an in-flight read or a running
+//! Must never: make a note readable before it is durable (write-back: before it is written), commit
+//! out of op order, acknowledge a write that failed or is not durable (write-back: a FUA write, or a
+//! FLUSH, before what it covers is durable), reuse data space a committed extent, an in-flight read or a running
 //! catch-up source's snapshot still uses (or before the block after its freeing commit is vouched for:
 //! see `vouched_before`), overwrite journal blocks that recovery would still need, or commit (or let
 //! a journal watermark cover) part of a catch-up op.
@@ -41,6 +45,13 @@ pub enum Durability {
     Fdatasync,
     /// Every data and journal write with RWF_DSYNC (FUA on devices that have it); no separate sync.
     Dsync,
+    /// A disk with a volatile write cache, as NBD defines one (and as `qemu-nbd --cache=none`
+    /// serves): a write is acknowledged (and readable) once its note and data are written to the
+    /// device, not yet synced; FLUSH makes every acknowledged write durable and a FUA write is
+    /// acknowledged only once durable (one fdatasync for all waiting). A process crash loses nothing
+    /// acknowledged; a power cut may lose writes no FLUSH or FUA covered, always back to an op-order
+    /// prefix. Single-node volumes only: a replicated write is acknowledged durable on both copies.
+    WriteBack,
 }
 
 /// Why a note or extent from a replication peer was refused (nothing was changed).
@@ -70,6 +81,9 @@ const SOURCE_READ_AHEAD_BYTES: usize = 64 << 20;
 const SOURCE_SLOTS_SPARED: usize = DEVICE_OPS_MAX / 2;
 /// Items one poll hands out at most (zero items carry no data: the byte budget does not bound them).
 const SOURCE_ITEMS_PER_POLL_MAX: usize = 4096;
+/// Write-back: note data written since the last sync that makes the copy sync (it bounds what a
+/// power cut can lose, and what recovery checks against data checksums).
+const UNSYNCED_DATA_BYTES_MAX: u64 = 256 << 20;
 /// Spare journal blocks kept beyond a checkpoint's needs.
 const JOURNAL_SPARE_BLOCKS: u64 = 8;
 
@@ -147,6 +161,7 @@ enum Applied {
 
 struct SealedBlock {
     seq: u64,
+    /// The block's bytes while its write is in flight; empty once written.
     buf: AlignedBuf,
     written: bool,
     /// The `durable_before` in its header.
@@ -289,6 +304,8 @@ pub struct VolumeCopy {
     sealed: VecDeque<SealedBlock>,
     notes: VecDeque<Note>,
     sync_in_flight: bool,
+    /// `stats.data_bytes_written` when the last sync was issued.
+    data_bytes_at_sync: u64,
     ops: Vec<Option<(DeviceOp, Submission)>>,
     free_tags: Vec<u32>,
     unsubmitted: VecDeque<u32>,
@@ -329,6 +346,14 @@ pub struct VolumeCopy {
     /// Reused lookup results, so that reads and block status allocate nothing in steady state.
     mapping_pool: Vec<Vec<Mapping>>,
     freed: Vec<Piece>,
+    /// Write-back only: space overwritten by a commit whose own note is not durable yet: (free
+    /// counter, `durable_before` needed, piece). It moves to `limbo` once that note is durable.
+    freed_unsynced: VecDeque<(u64, u64, Piece)>,
+    /// Write-back only: acknowledgements waiting for `durable_before` to reach their value, in op
+    /// order: a FUA write's, and every later write's behind it (acknowledgements stay in op order).
+    acks_awaiting_sync: VecDeque<(u64, IoCompletion)>,
+    /// Write-back only: FLUSH requests waiting for `durable_before` to reach their value.
+    flushes: Vec<(u64, IoCompletion)>,
     /// Never written to after allocation: the kernel may read it at any time.
     zeros: AlignedBuf,
     stats: CopyStats,
@@ -363,9 +388,10 @@ impl VolumeCopy {
             durable_before: recovered.next_seq,
             live_from_seq: recovered.live_from_seq,
             open: None,
-            sealed: VecDeque::with_capacity(JOURNAL_BLOCKS_IN_FLIGHT_MAX as usize),
+            sealed: VecDeque::new(),
             notes: VecDeque::with_capacity(256),
             sync_in_flight: false,
+            data_bytes_at_sync: 0,
             ops: (0..DEVICE_OPS_MAX).map(|_| None).collect(),
             free_tags: (0..DEVICE_OPS_MAX as u32).rev().collect(),
             unsubmitted: VecDeque::with_capacity(DEVICE_OPS_MAX),
@@ -389,6 +415,9 @@ impl VolumeCopy {
             piece_pool: Vec::new(),
             mapping_pool: Vec::new(),
             freed: Vec::new(),
+            freed_unsynced: VecDeque::new(),
+            acks_awaiting_sync: VecDeque::new(),
+            flushes: Vec::new(),
             zeros: AlignedBuf::empty(),
             stats: CopyStats::default(),
         }
@@ -413,6 +442,8 @@ impl VolumeCopy {
             + self.waiting.len()
             + self.notes.len()
             + self.discarded.len()
+            + self.acks_awaiting_sync.len()
+            + self.flushes.len()
     }
 
     /// Nothing of this copy is with the device or waiting for it: no device operation queued or
@@ -1050,8 +1081,25 @@ impl VolumeCopy {
         match request.kind {
             IoKind::Read => return self.start_read(request, device, done),
             IoKind::Write | IoKind::Trim | IoKind::WriteZeroes => {}
+            IoKind::Flush
+                if self.durability == Durability::WriteBack
+                    && self.failed.is_none()
+                    && self.durable_before < self.next_seq =>
+            {
+                // Every acknowledged write's note is in a sealed block (it was written): the flush
+                // is done once every sealed block is durable, with the data of its notes.
+                let completion = IoCompletion {
+                    origin: request.origin,
+                    result: Ok(0),
+                    buf: request.buf,
+                };
+                // `end_iteration` issues the sync (`sync_wanted`).
+                self.flushes.push((self.next_seq, completion));
+                return Ok(());
+            }
             IoKind::Flush | IoKind::Cache => {
-                // Every acknowledged write is already durable: nothing to wait for.
+                // Every acknowledged write is already durable (write-back: nothing unsynced): nothing
+                // to wait for.
                 let result = match self.failed {
                     Some(error) if request.kind == IoKind::Flush => Err(error),
                     _ => Ok(0),
@@ -1109,7 +1157,11 @@ impl VolumeCopy {
                 .is_err()
         {
             self.piece_pool.push(pieces);
-            if self.notes.is_empty() && self.limbo.is_empty() && self.discarded.is_empty() {
+            if self.notes.is_empty()
+                && self.limbo.is_empty()
+                && self.freed_unsynced.is_empty()
+                && self.discarded.is_empty()
+            {
                 if request.origin.is_replication() {
                     self.parked.pop_front();
                 }
@@ -1472,7 +1524,7 @@ impl VolumeCopy {
         let used = self.next_seq + 1 - self.live_from_seq;
         let in_flight = self.next_seq - self.durable_before;
         used + blocks + checkpoint_blocks + JOURNAL_SPARE_BLOCKS <= ring
-            && in_flight + blocks <= JOURNAL_BLOCKS_IN_FLIGHT_MAX
+            && in_flight + blocks <= self.blocks_in_flight_max()
     }
 
     /// The seq the open block will get, opening one of `kind` (sealing another kind first).
@@ -1707,7 +1759,11 @@ impl VolumeCopy {
             }
             DeviceOp::JournalBlock { seq } => {
                 let front = self.sealed.front().map_or(seq, |block| block.seq);
-                self.sealed[(seq - front) as usize].written = true;
+                let block = &mut self.sealed[(seq - front) as usize];
+                block.written = true;
+                // Written: the buffer is free again (write-back keeps many blocks unsynced).
+                let buf = std::mem::replace(&mut block.buf, AlignedBuf::empty());
+                self.block_pool.push(buf);
                 if let Some(error) = error {
                     self.fail(error);
                 }
@@ -1776,13 +1832,15 @@ impl VolumeCopy {
         if self.failed.is_none() {
             match self.durability {
                 Durability::Dsync => self.durable_before = self.durable_before.max(ready_before),
-                Durability::Fdatasync => {
+                Durability::Fdatasync | Durability::WriteBack => {
                     if !self.sync_in_flight
                         && ready_before > self.durable_before
                         && !self.free_tags.is_empty()
+                        && (self.durability == Durability::Fdatasync || self.sync_wanted())
                     {
                         self.sync_in_flight = true;
                         self.stats.syncs += 1;
+                        self.data_bytes_at_sync = self.stats.data_bytes_written;
                         self.issue(
                             DeviceOp::Sync {
                                 covers_before: ready_before,
@@ -1800,12 +1858,24 @@ impl VolumeCopy {
             }
             let block = self.sealed.pop_front().expect("front exists");
             self.vouched_before = self.vouched_before.max(block.vouches_before);
-            self.block_pool.push(block.buf);
+            debug_assert!(
+                block.buf.is_empty(),
+                "a written block's buffer went back to the pool"
+            );
         }
+        if self.durability == Durability::WriteBack {
+            self.advance_write_back(done);
+        }
+        // Write-back commits what is written; the other modes what is durable.
+        let commit_before = if self.durability == Durability::WriteBack {
+            ready_before
+        } else {
+            self.durable_before
+        };
         // Commit, strictly in op order.
         while let Some(note) = self.notes.front() {
-            let durable = note.last_seq < self.durable_before
-                && note.complete_seq < self.durable_before
+            let durable = note.last_seq < commit_before
+                && note.complete_seq < commit_before
                 && note.data_pending == 0
                 && !note.failed;
             if let Some(error) = self.failed {
@@ -1832,7 +1902,7 @@ impl VolumeCopy {
                 break;
             }
             // A catch-up op commits as a whole, so that a checkpoint never holds part of it.
-            if note.catch_up && !self.catch_up_op_durable(note.op) {
+            if note.catch_up && !self.catch_up_op_durable(note.op, commit_before) {
                 break;
             }
             let mut note = self.notes.pop_front().expect("front exists");
@@ -1873,36 +1943,134 @@ impl VolumeCopy {
                 }
             }
             self.committed_op = note.op;
+            let note_durable_before = note.last_seq.max(note.complete_seq) + 1;
             if !self.freed.is_empty() {
                 self.free_counter += 1;
-                // The next block sealed carries a `durable_before` above this note's blocks.
-                let vouching_seq = self.next_seq;
-                for piece in self.freed.drain(..) {
-                    self.limbo
-                        .push_back((self.free_counter, vouching_seq, piece));
+                if note_durable_before <= self.durable_before {
+                    // The next block sealed carries a `durable_before` above this note's blocks.
+                    let vouching_seq = self.next_seq;
+                    for piece in self.freed.drain(..) {
+                        self.limbo
+                            .push_back((self.free_counter, vouching_seq, piece));
+                    }
+                } else {
+                    for piece in self.freed.drain(..) {
+                        self.freed_unsynced.push_back((
+                            self.free_counter,
+                            note_durable_before,
+                            piece,
+                        ));
+                    }
                 }
             }
             note.pieces.clear();
             self.piece_pool.push(note.pieces);
+            let fua = request.flags.contains(IoFlags::FUA);
             let length = request.length;
-            done.push_back(IoCompletion {
+            let completion = IoCompletion {
                 origin: request.origin,
                 result: Ok(length),
                 buf: request.buf,
-            });
+            };
+            // Write-back: a FUA write is acknowledged once durable, and later ones wait behind it.
+            // (In the other modes every committed note is durable already.)
+            if !self.acks_awaiting_sync.is_empty() {
+                let needed = if fua { note_durable_before } else { 0 };
+                self.acks_awaiting_sync.push_back((needed, completion));
+            } else if fua && note_durable_before > self.durable_before {
+                self.acks_awaiting_sync
+                    .push_back((note_durable_before, completion));
+            } else {
+                done.push_back(completion);
+            }
+        }
+        if self.durability == Durability::WriteBack {
+            self.advance_write_back(done);
         }
         self.release_limbo();
     }
 
+    /// Write-back: whether to make what is written durable now. Syncs cost the device a cache flush
+    /// (here ~100 µs, delaying the writes behind it), so they are issued only when something needs
+    /// one: a FLUSH or FUA write waiting; a checkpoint whose blocks are all written; requests parked (for space, journal room, or
+    /// the first vouched block after recovery); space to reuse while free space runs low; or half
+    /// the journal blocks recovery allows in flight unsynced.
+    fn sync_wanted(&self) -> bool {
+        let spare = self
+            .superblock
+            .data_bytes
+            .saturating_sub(self.superblock.volume_size);
+        !self.flushes.is_empty()
+            || !self.acks_awaiting_sync.is_empty()
+            || self.checkpoint.as_ref().is_some_and(|job| {
+                matches!(
+                    job.phase,
+                    CheckpointPhase::AwaitDurable { .. } | CheckpointPhase::AwaitDone { .. }
+                )
+            })
+            || !self.waiting.is_empty()
+            || self.next_seq - self.durable_before >= self.blocks_in_flight_max() / 2
+            || self.stats.data_bytes_written - self.data_bytes_at_sync >= UNSYNCED_DATA_BYTES_MAX
+            || (!self.freed_unsynced.is_empty() || !self.limbo.is_empty())
+                && self.allocator.free_bytes() < spare / 4
+    }
+
+    /// Journal blocks this copy keeps in flight at most (see `JOURNAL_BLOCKS_IN_FLIGHT_MAX`): a
+    /// quarter of a small ring, so that checkpoints always find room.
+    fn blocks_in_flight_max(&self) -> u64 {
+        JOURNAL_BLOCKS_IN_FLIGHT_MAX.min(self.superblock.journal_blocks() / 4)
+    }
+
+    /// Write-back: completes the acknowledgements and flushes that `durable_before` now covers (or
+    /// fails them), and moves overwritten space whose overwriting note is durable to `limbo`.
+    fn advance_write_back(&mut self, done: &mut VecDeque<IoCompletion>) {
+        if let Some(error) = self.failed {
+            for (_, mut completion) in self
+                .acks_awaiting_sync
+                .drain(..)
+                .chain(self.flushes.drain(..))
+            {
+                completion.result = Err(error);
+                done.push_back(completion);
+            }
+        }
+        while let Some(&(needed, _)) = self.acks_awaiting_sync.front() {
+            if needed > self.durable_before {
+                break;
+            }
+            let (_, completion) = self.acks_awaiting_sync.pop_front().expect("front exists");
+            done.push_back(completion);
+        }
+        if !self.flushes.is_empty() {
+            let durable_before = self.durable_before;
+            let mut index = 0;
+            while index < self.flushes.len() {
+                if self.flushes[index].0 <= durable_before {
+                    done.push_back(self.flushes.swap_remove(index).1);
+                } else {
+                    index += 1;
+                }
+            }
+        }
+        while let Some(&(free_counter, needed, piece)) = self.freed_unsynced.front() {
+            if needed > self.durable_before {
+                break;
+            }
+            self.freed_unsynced.pop_front();
+            // The next block sealed carries a `durable_before` above the freeing note's blocks.
+            self.limbo.push_back((free_counter, self.next_seq, piece));
+        }
+    }
+
     /// Whether every note of catch-up op `op` (the first notes in the queue) can commit.
     #[cold]
-    fn catch_up_op_durable(&self, op: u64) -> bool {
+    fn catch_up_op_durable(&self, op: u64, commit_before: u64) -> bool {
         self.notes
             .iter()
             .take_while(|note| note.op == op)
             .all(|note| {
-                note.last_seq < self.durable_before
-                    && note.complete_seq < self.durable_before
+                note.last_seq < commit_before
+                    && note.complete_seq < commit_before
                     && note.data_pending == 0
                     && !note.failed
             })
@@ -1993,7 +2161,7 @@ impl VolumeCopy {
                     // Room for this block (and the notes block sealed before it) in flight and in the ring.
                     let in_flight = self.next_seq - self.durable_before;
                     if self.free_tags.len() < 4
-                        || in_flight + 2 > JOURNAL_BLOCKS_IN_FLIGHT_MAX
+                        || in_flight + 2 > self.blocks_in_flight_max()
                         || self.next_seq + 2 - self.live_from_seq > ring
                     {
                         break;

@@ -301,20 +301,18 @@ impl Volume {
         }
     }
 
-    /// Op numbers of a persistent copy: (next op, commit watermark).
-    pub fn op_numbers(&self) -> Option<(u64, u64)> {
+    /// A persistent copy's op numbers and counters.
+    pub fn copy_stats(&self) -> Option<copy::CopyStats> {
         match &self.store {
-            Store::Persistent { copy, .. } => {
-                let stats = copy.stats();
-                Some((stats.next_op, stats.committed_op))
-            }
+            Store::Persistent { copy, .. } => Some(copy.stats()),
             _ => None,
         }
     }
 
     /// Whether every connection sees the others' flushed writes (NBD multi-conn): true for every store,
     /// because every IO to a volume goes through its one owning reactor, and a flush syncs the whole
-    /// store (raw) or has nothing to do because acknowledged writes are already durable (persistent).
+    /// store (raw), or covers every acknowledged write of the copy (persistent: at once when they are
+    /// durable already, else with one sync in write-back mode).
     pub fn flush_is_global(&self) -> bool {
         true
     }

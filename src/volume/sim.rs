@@ -765,6 +765,8 @@ struct Outstanding {
     applied_slot: u16,
     /// Dropped by `discard_uncommitted`: it must complete with `Fenced`.
     dropped: bool,
+    /// Sent with FUA: under write-back, its acknowledgement guarantees it (and the ops before it).
+    fua: bool,
 }
 
 // ---------------------------------------------------------------------------------------------------
@@ -890,6 +892,9 @@ struct SimStats {
     /// survive a power cut; and how many power cuts did lose some.
     acknowledged_under_limit: u64,
     acknowledged_lost_under_limit: u64,
+    /// Write-back: writes acknowledged without FUA, and how many of those power cuts lost.
+    acknowledged_unsynced: u64,
+    acknowledged_lost_unsynced: u64,
 }
 
 impl SimStats {
@@ -925,6 +930,8 @@ impl SimStats {
         self.source_items += other.source_items;
         self.acknowledged_under_limit += other.acknowledged_under_limit;
         self.acknowledged_lost_under_limit += other.acknowledged_lost_under_limit;
+        self.acknowledged_unsynced += other.acknowledged_unsynced;
+        self.acknowledged_lost_unsynced += other.acknowledged_lost_unsynced;
     }
 }
 
@@ -1066,9 +1073,14 @@ macro_rules! sim_assert {
 }
 
 impl Simulation {
-    fn new(seed: u64) -> Simulation {
+    /// `write_back`: the copy runs with `Durability::WriteBack`, without replication (the seed's
+    /// other draws are those it makes without it).
+    fn new(seed: u64, write_back: bool) -> Simulation {
         let mut rng = Rng::new(seed);
-        let config = SeedConfig::new(&mut rng);
+        let mut config = SeedConfig::new(&mut rng);
+        if write_back {
+            config.durability = Durability::WriteBack;
+        }
         let journal_bytes = config.journal_blocks * JOURNAL_BLOCK_BYTES as u64;
         let journal_offset = JOURNAL_BLOCK_BYTES as u64;
         let superblock = Superblock {
@@ -1136,11 +1148,15 @@ impl Simulation {
             eprintln!("seed {seed}: {config:?}");
         }
         simulation.device.faults = simulation.arm_faults();
-        simulation.replication = simulation.replication_rng.chance(1, 2);
+        simulation.replication = simulation.replication_rng.chance(1, 2) && !write_back;
         if simulation.replication {
             simulation.copy.set_note_outbox(true);
         }
         simulation
+    }
+
+    fn write_back(&self) -> bool {
+        self.config.durability == Durability::WriteBack
     }
 
     fn fail(&self, what: String) -> ! {
@@ -1655,11 +1671,17 @@ impl Simulation {
                 effect,
                 op: None,
                 committed_at_submission: stats.committed_op,
-                guaranteed_at_submission: self.guaranteed_op,
+                // Write-back: a flush covers every write acknowledged before it, durable or not.
+                guaranteed_at_submission: if self.write_back() {
+                    self.acknowledged_op
+                } else {
+                    self.guaranteed_op
+                },
                 applied: None,
                 catch_up: false,
                 applied_slot: 0,
                 dropped: false,
+                fua: flags.contains(IoFlags::FUA),
             },
         );
         if effect.is_some() {
@@ -1984,7 +2006,10 @@ impl Simulation {
                         "op {op} got an error, then an acknowledgement"
                     );
                     self.acknowledged_op = op;
-                    if self.limit_max_since.is_some_and(|since| op > since) {
+                    if self.write_back() && !request.fua {
+                        // In the device's cache only: a power cut may lose it.
+                        self.stats.acknowledged_unsynced += 1;
+                    } else if self.limit_max_since.is_some_and(|since| op > since) {
                         self.guaranteed_op = op;
                     } else {
                         self.stats.acknowledged_under_limit += 1;
@@ -2012,9 +2037,11 @@ impl Simulation {
                         "request {id} failed ({error}) but the device failed no write or sync"
                     );
                     if let Some(op) = request.op {
+                        // Write-back commits a write once written: one waiting for a sync (FUA, or
+                        // behind one) that failed is committed, its outcome unknown to the host.
                         sim_assert!(
                             self,
-                            op > committed_op,
+                            op > committed_op || self.write_back(),
                             "committed op {op} completed with an error"
                         );
                         self.errored_ops.insert(op);
@@ -2316,7 +2343,11 @@ impl Simulation {
             self.watermark_ceiling
         );
         if op < self.acknowledged_op {
-            self.stats.acknowledged_lost_under_limit += 1;
+            if self.write_back() {
+                self.stats.acknowledged_lost_unsynced += 1;
+            } else {
+                self.stats.acknowledged_lost_under_limit += 1;
+            }
         }
         sim_assert!(
             self,
@@ -2478,9 +2509,16 @@ impl Simulation {
         let committed_op = self.copy.stats().committed_op;
         let unallocated = (0..self.superblock.volume_size / SECTOR)
             .find(|&sector| !self.model.value_at(sector, committed_op).is_allocated());
-        for _ in 0..2 {
+        // Write-back syncs only when something needs it: FUA trims make the space that overwrites
+        // freed durable, then vouched for.
+        let (rounds, flags) = if self.write_back() {
+            (3, IoFlags::FUA)
+        } else {
+            (2, IoFlags::empty())
+        };
+        for _ in 0..rounds {
             if let Some(sector) = unallocated {
-                let trim = self.new_request(IoKind::Trim, IoFlags::empty(), sector, 1);
+                let trim = self.new_request(IoKind::Trim, flags, sector, 1);
                 self.call(Call::Submit(trim));
                 self.drain();
             }
@@ -2499,14 +2537,14 @@ impl Simulation {
 }
 
 /// Runs one seed; the statistics of what it did.
-fn run_seed(seed: u64) -> SimStats {
-    let mut simulation = Simulation::new(seed);
+fn run_seed(seed: u64, write_back: bool) -> SimStats {
+    let mut simulation = Simulation::new(seed, write_back);
     simulation.run();
     simulation.stats
 }
 
 /// Runs `seeds` on up to two threads; the seeds that failed (each failure also prints its seed).
-fn run_seeds(seeds: &[u64], keep_going: bool) -> Vec<u64> {
+fn run_seeds(seeds: &[u64], keep_going: bool, write_back: bool) -> Vec<u64> {
     let started = Instant::now();
     let next = AtomicU64::new(0);
     let stop = AtomicBool::new(false);
@@ -2526,13 +2564,18 @@ fn run_seeds(seeds: &[u64], keep_going: bool) -> Vec<u64> {
                         break;
                     };
                     // A panic inside the copy does not know the seed: name it here.
-                    match panic::catch_unwind(AssertUnwindSafe(|| run_seed(seed))) {
+                    match panic::catch_unwind(AssertUnwindSafe(|| run_seed(seed, write_back))) {
                         Ok(seed_stats) => stats.add(&seed_stats),
                         Err(_) => {
+                            let test = if write_back {
+                                "simulated_power_cuts_write_back"
+                            } else {
+                                "simulated_power_cuts"
+                            };
                             eprintln!(
                                 "simulation seed {seed} FAILED (message above); re-run: \
                                  FERROBLOCK_SIM_SEED={seed} cargo test --release --lib \
-                                 simulated_power_cuts -- --nocapture"
+                                 {test} -- --nocapture --exact"
                             );
                             failed.lock().expect("lock").push(seed);
                             stop.store(!keep_going, Ordering::Relaxed);
@@ -2554,8 +2597,8 @@ fn run_seeds(seeds: &[u64], keep_going: bool) -> Vec<u64> {
     failed
 }
 
-#[test]
-fn simulated_power_cuts() {
+/// Runs the seeds the environment asks for (see the module doc).
+fn simulate_seeds_from_env(write_back: bool) {
     let seeds: Vec<u64> = match env_u64("FERROBLOCK_SIM_SEED") {
         Some(seed) => vec![seed],
         None => {
@@ -2566,11 +2609,23 @@ fn simulated_power_cuts() {
     };
     // Triage: run every seed even after failures (`FERROBLOCK_SIM_KEEP_GOING=1`).
     let keep_going = env_u64("FERROBLOCK_SIM_KEEP_GOING").is_some_and(|keep| keep > 0);
-    let failed = run_seeds(&seeds, keep_going);
+    let failed = run_seeds(&seeds, keep_going, write_back);
     assert!(
         failed.is_empty(),
         "simulation failed for seeds {failed:?}: re-run one with FERROBLOCK_SIM_SEED=<seed>"
     );
+}
+
+#[test]
+fn simulated_power_cuts() {
+    simulate_seeds_from_env(false);
+}
+
+/// The same seeds with `Durability::WriteBack`: acknowledged writes may be lost at a power cut unless
+/// a FLUSH or their FUA covered them, and then only back to an op-order prefix.
+#[test]
+fn simulated_power_cuts_write_back() {
+    simulate_seeds_from_env(true);
 }
 
 /// Seeds that found bugs, each of which fails with its fix reverted. They hold for this simulator's
@@ -2618,7 +2673,7 @@ const REGRESSION_SEEDS: &[(u64, &str)] = &[
 #[test]
 fn simulated_power_cuts_regressions() {
     let seeds: Vec<u64> = REGRESSION_SEEDS.iter().map(|&(seed, _)| seed).collect();
-    let failed = run_seeds(&seeds, true);
+    let failed = run_seeds(&seeds, true, false);
     let failed: Vec<_> = REGRESSION_SEEDS
         .iter()
         .filter(|(seed, _)| failed.contains(seed))
@@ -2687,15 +2742,16 @@ fn simulated_device_semantics() {
 }
 
 /// A writer keeps up to `JOURNAL_BLOCKS_IN_FLIGHT_MAX` blocks in flight beyond the last durable one:
-/// while block D is not durable it may seal blocks up to D + 63, so the first header that can vouch
-/// for D may be that of block D + 64. Damage to D must then be detected (D was durable: its ops were
+/// while block D is not durable it may seal blocks up to D + MAX - 1, so the first header that can
+/// vouch for D may be that of block D + MAX. Damage to D must then be detected (D was durable: its ops were
 /// acknowledged), not taken for the torn end of the log.
 #[test]
 fn recovery_detects_damage_vouched_for_by_the_furthest_block_in_flight() {
     use crate::journal::format::{BlockHeader, BlockKind, LOCATION_ZERO, NoteKind, NoteRecord};
     use crate::journal::recovery::JOURNAL_BLOCKS_IN_FLIGHT_MAX;
 
-    let journal_blocks = 128u64;
+    // A ring in which the writer may keep the whole maximum in flight (a quarter of it).
+    let journal_blocks = 4 * JOURNAL_BLOCKS_IN_FLIGHT_MAX;
     let superblock = Superblock {
         volume_id: 99,
         name: "edge".to_owned(),
@@ -2707,7 +2763,7 @@ fn recovery_detects_damage_vouched_for_by_the_furthest_block_in_flight() {
     };
     let mut image = vec![0u8; superblock.store_bytes() as usize];
     let damaged_seq = 1u64;
-    // Block seq s holds the trim of op s + 1. Blocks up to D + 63 were sealed before D was durable.
+    // Block seq s holds the trim of op s + 1. Blocks up to D + MAX - 1 were sealed before D was durable.
     for seq in 0..=damaged_seq + JOURNAL_BLOCKS_IN_FLIGHT_MAX {
         let op = seq + 1;
         let mut block = vec![0u8; JOURNAL_BLOCK_BYTES];
@@ -2804,6 +2860,109 @@ fn settle(copy: &mut VolumeCopy, device: &mut SimDevice, done: &mut VecDeque<IoC
             copy.complete(tag, result, device, done);
         }
     }
+}
+
+/// Write-back in small: plain writes are acknowledged without any sync, a FLUSH costs one sync and
+/// completes only after it, a FUA write is acknowledged only with a sync, and a FLUSH with nothing
+/// unsynced completes at once.
+#[test]
+fn write_back_syncs_only_for_flush_and_fua() {
+    let (_, mut device, mut copy) = small_copy(8, "write-back", 64 << 10, 4, Durability::WriteBack);
+    let mut done = VecDeque::new();
+    let request = |id: u64, kind: IoKind, flags: IoFlags| {
+        let mut buf = AlignedBuf::empty();
+        let length = if kind == IoKind::Write { 4096 } else { 0 };
+        if kind == IoKind::Write {
+            buf = AlignedBuf::with_capacity(4096);
+            buf.set_len(4096);
+            buf.as_mut_slice().fill(id as u8);
+        }
+        IoRequest {
+            volume: 0,
+            kind,
+            flags,
+            offset: id * 4096,
+            length,
+            buf,
+            origin: origin_of(id),
+        }
+    };
+    // A new (or recovered) copy writes no data before a durable header vouches for its first block:
+    // the first write waits for that, once.
+    copy.submit(
+        request(1, IoKind::Write, IoFlags::empty()),
+        &mut device,
+        &mut done,
+    );
+    settle(&mut copy, &mut device, &mut done);
+    let startup_syncs = copy.stats().syncs;
+    for id in 2..=4 {
+        copy.submit(
+            request(id, IoKind::Write, IoFlags::empty()),
+            &mut device,
+            &mut done,
+        );
+    }
+    settle(&mut copy, &mut device, &mut done);
+    let acknowledged: Vec<u64> = done
+        .drain(..)
+        .map(|completion| {
+            assert_eq!(completion.result, Ok(4096));
+            request_of(completion.origin)
+        })
+        .collect();
+    assert_eq!(acknowledged, [1, 2, 3, 4]);
+    assert_eq!(
+        copy.stats().syncs,
+        startup_syncs,
+        "plain writes need no sync"
+    );
+    assert_eq!(
+        copy.committed_op(),
+        4,
+        "written notes are committed (readable)"
+    );
+
+    copy.submit(
+        request(5, IoKind::Flush, IoFlags::empty()),
+        &mut device,
+        &mut done,
+    );
+    assert!(done.is_empty(), "a flush waits for a sync");
+    settle(&mut copy, &mut device, &mut done);
+    assert_eq!(
+        done.pop_front().map(|c| (request_of(c.origin), c.result)),
+        Some((5, Ok(0)))
+    );
+    assert_eq!(copy.stats().syncs, startup_syncs + 1);
+
+    copy.submit(
+        request(6, IoKind::Flush, IoFlags::empty()),
+        &mut device,
+        &mut done,
+    );
+    assert_eq!(
+        done.pop_front().map(|c| (request_of(c.origin), c.result)),
+        Some((6, Ok(0))),
+        "nothing unsynced: the flush completes at once"
+    );
+
+    copy.submit(
+        request(7, IoKind::Write, IoFlags::FUA),
+        &mut device,
+        &mut done,
+    );
+    settle(&mut copy, &mut device, &mut done);
+    assert_eq!(
+        done.pop_front().map(|c| (request_of(c.origin), c.result)),
+        Some((7, Ok(4096)))
+    );
+    assert_eq!(
+        copy.stats().syncs,
+        startup_syncs + 2,
+        "a FUA write is acknowledged with a sync"
+    );
+    assert_eq!(copy.in_flight(), 0);
 }
 
 /// The replication operations in small: commit limit, created notes, applied notes and their
