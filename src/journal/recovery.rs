@@ -25,7 +25,7 @@ use crate::journal::superblock::Superblock;
 /// about as much as the data written since the last one (the device writes back its cache) and
 /// stalls the writes behind it: fewer, larger syncs are cheaper. The writer keeps only the blocks'
 /// positions once they are written, not their bytes.
-pub const JOURNAL_BLOCKS_IN_FLIGHT_MAX: u64 = 4096;
+pub const JOURNAL_BLOCKS_IN_FLIGHT_MAX: u64 = 16384;
 /// Bytes read from the device per request while scanning.
 const SCAN_CHUNK_BYTES: usize = 1 << 20;
 

@@ -70,7 +70,7 @@ pub const DEVICE_OPS_MAX: usize = 512;
 /// Checkpoint blocks produced per reactor iteration, so that a checkpoint never stalls host IO.
 const CHECKPOINT_BLOCKS_PER_ITERATION: usize = 16;
 /// Volume bytes a checkpoint step scans per lookup.
-const CHECKPOINT_SCAN_BYTES: u64 = 64 << 20;
+const CHECKPOINT_SCAN_BYTES: u64 = 4 << 20;
 /// Source of the zeros written for write-zeroes with NO_HOLE (allocated on first use).
 const ZERO_BUFFER_BYTES: usize = 16 << 20;
 /// Largest catch-up item (the wire's limit on a note's data).
