@@ -256,25 +256,42 @@ fn qemu_io_patterns_zero_discard_flush() {
 
 #[test]
 fn fio_randrw_verify_crc32c() {
+    fio_verify(&["--size", "64M"], &[]);
+}
+
+/// The same in write-back mode, with a FLUSH after every 8 writes (fio `--fsync=8`) so that flushes
+/// that wait for a sync are interleaved with the verified IO.
+#[test]
+fn fio_randrw_verify_crc32c_write_back() {
+    fio_verify(
+        &["--size", "64M", "--durability", "write-back"],
+        &["--fsync=8"],
+    );
+}
+
+fn fio_verify(server_args: &[&str], fio_args: &[&str]) {
     require_tool("fio");
-    let srv = Server::start(&["--size", "64M"]);
+    let srv = Server::start(server_args);
     // fio drops files (e.g. verify state) into its working directory.
     let dir = TempDir::new("fio");
     let out = run_bounded(
-        Command::new("fio").current_dir(dir.path()).args([
-            "--name=ferroblock-verify",
-            "--ioengine=nbd",
-            &format!("--uri={}", srv.uri),
-            "--rw=randrw",
-            "--bsrange=4k-128k",
-            "--iodepth=16",
-            "--size=64M",
-            "--verify=crc32c",
-            "--verify_fatal=1",
-            "--do_verify=1",
-            "--verify_state_save=0",
-            "--output-format=json",
-        ]),
+        Command::new("fio")
+            .current_dir(dir.path())
+            .args([
+                "--name=ferroblock-verify",
+                "--ioengine=nbd",
+                &format!("--uri={}", srv.uri),
+                "--rw=randrw",
+                "--bsrange=4k-128k",
+                "--iodepth=16",
+                "--size=64M",
+                "--verify=crc32c",
+                "--verify_fatal=1",
+                "--do_verify=1",
+                "--verify_state_save=0",
+                "--output-format=json",
+            ])
+            .args(fio_args),
         Duration::from_secs(240),
     );
     let stdout = stdout_of(&out);
