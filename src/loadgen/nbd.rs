@@ -14,7 +14,7 @@ use std::sync::mpsc::Sender;
 use std::time::{Duration, Instant};
 
 use super::ops::OpPicker;
-use super::slots::{InFlight, LoopTime, wait_until_due};
+use super::slots::{InFlight, LoopTime, wait_ready, wait_until_due};
 use super::verify;
 use super::workload::{PollMode, Workload, WorkloadError};
 use super::{BenchError, IntervalHistogram, IntervalRecorder, Progress, RunClock};
@@ -191,28 +191,6 @@ fn receive_some(fd: i32, buffer: &mut [u8], block: bool) -> io::Result<Option<us
     // SAFETY: the pointer and length describe a live, writable slice that recv fills at most.
     let result = unsafe { libc::recv(fd, buffer.as_mut_ptr().cast(), buffer.len(), flags) };
     syscall_result(result)
-}
-
-/// Blocks until `fd` is ready for `events` or `timeout` passes (interrupt mode only).
-fn wait_ready(fd: i32, events: i16, timeout: Duration) -> io::Result<()> {
-    let mut pollfd = libc::pollfd {
-        fd,
-        events,
-        revents: 0,
-    };
-    let timeout = libc::timespec {
-        tv_sec: timeout.as_secs() as libc::time_t,
-        tv_nsec: libc::c_long::from(timeout.subsec_nanos() as i32),
-    };
-    // SAFETY: one valid pollfd and one timespec, both owned by this frame; no signal mask is passed.
-    let result = unsafe { libc::ppoll(&mut pollfd, 1, &timeout, std::ptr::null()) };
-    if result < 0 {
-        let error = io::Error::last_os_error();
-        if error.kind() != io::ErrorKind::Interrupted {
-            return Err(error);
-        }
-    }
-    Ok(())
 }
 
 impl ConnectionTotals {

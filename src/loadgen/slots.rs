@@ -5,6 +5,7 @@
 //! Owns no IO and no buffer: each loop keeps its own (the NBD loop its send queue, the file loop one
 //! aligned buffer per slot).
 
+use std::io;
 use std::time::{Duration, Instant};
 
 use super::nbd::ConnectionTotals;
@@ -114,4 +115,27 @@ impl LoopTime {
     pub fn has_worked(&self) -> bool {
         self.worked
     }
+}
+
+/// Blocks until `fd` is ready for `events` or `timeout` passes (interrupt mode only). An
+/// interrupted wait returns early: the caller loops.
+pub fn wait_ready(fd: i32, events: i16, timeout: Duration) -> io::Result<()> {
+    let mut pollfd = libc::pollfd {
+        fd,
+        events,
+        revents: 0,
+    };
+    let timeout = libc::timespec {
+        tv_sec: timeout.as_secs() as libc::time_t,
+        tv_nsec: libc::c_long::from(timeout.subsec_nanos() as i32),
+    };
+    // SAFETY: one valid pollfd and one timespec, both owned by this frame; no signal mask is passed.
+    let result = unsafe { libc::ppoll(&mut pollfd, 1, &timeout, std::ptr::null()) };
+    if result < 0 {
+        let error = io::Error::last_os_error();
+        if error.kind() != io::ErrorKind::Interrupted {
+            return Err(error);
+        }
+    }
+    Ok(())
 }

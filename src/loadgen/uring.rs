@@ -18,7 +18,7 @@ use io_uring::{opcode, types};
 
 use super::nbd::{ConnectionTotals, ERROR_REPORTS_MAX};
 use super::ops::OpPicker;
-use super::slots::{InFlight, LoopTime, wait_until_due};
+use super::slots::{InFlight, LoopTime, wait_ready, wait_until_due};
 use super::verify;
 use super::workload::{PollMode, Workload};
 use super::{BenchError, IntervalHistogram, IntervalRecorder, Progress, RunClock};
@@ -248,23 +248,7 @@ fn wait_for_completion(ring: &Uring, next_due: Option<Instant>) -> Result<(), Be
     if let Some(due) = next_due {
         timeout = timeout.min(due.saturating_duration_since(Instant::now()));
     }
-    let mut pollfd = libc::pollfd {
-        fd: ring.eventfd(),
-        events: libc::POLLIN,
-        revents: 0,
-    };
-    let timespec = libc::timespec {
-        tv_sec: timeout.as_secs() as libc::time_t,
-        tv_nsec: libc::c_long::from(timeout.subsec_nanos() as i32),
-    };
-    // SAFETY: one valid pollfd and one timespec, both owned by this frame; no signal mask is passed.
-    let result = unsafe { libc::ppoll(&mut pollfd, 1, &timespec, std::ptr::null()) };
-    if result < 0 {
-        let error = io::Error::last_os_error();
-        if error.kind() != io::ErrorKind::Interrupted {
-            return Err(BenchError::Io(error));
-        }
-    }
+    wait_ready(ring.eventfd(), libc::POLLIN, timeout).map_err(BenchError::Io)?;
     ring.drain_eventfd();
     Ok(())
 }
