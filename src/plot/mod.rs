@@ -207,6 +207,41 @@ fn load_font(explicit: Option<&Path>) -> Result<(), PlotError> {
 
 type DrawResult = Result<(), String>;
 
+type LinearChart<'a, DB> = ChartContext<
+    'a,
+    DB,
+    plotters::coord::cartesian::Cartesian2d<
+        plotters::coord::types::RangedCoordf64,
+        plotters::coord::types::RangedCoordf64,
+    >,
+>;
+
+/// One line per run, each in its own colour and named in the legend, which goes at `position`.
+fn draw_lines<'a, DB: DrawingBackend + 'a>(
+    chart: &mut LinearChart<'a, DB>,
+    lines: impl Iterator<Item = (String, Vec<(f64, f64)>)>,
+    position: SeriesLabelPosition,
+) -> DrawResult {
+    for (index, (label, points)) in lines.enumerate() {
+        let color = Palette99::pick(index).to_rgba();
+        chart
+            .draw_series(LineSeries::new(points, color.stroke_width(2)))
+            .map_err(|error| error.to_string())?
+            .label(label)
+            .legend(move |(x, y)| {
+                PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2))
+            });
+    }
+    chart
+        .configure_series_labels()
+        .position(position)
+        .background_style(WHITE.mix(0.8))
+        .border_style(BLACK)
+        .label_font((FONT_FAMILY, 14))
+        .draw()
+        .map_err(|error| error.to_string())
+}
+
 fn draw_latency<DB: DrawingBackend>(area: DrawingArea<DB, Shift>, runs: &[Run]) -> DrawResult {
     area.fill(&WHITE).map_err(|error| error.to_string())?;
     let curves: Vec<Vec<(f64, f64)>> = runs
@@ -242,24 +277,11 @@ fn draw_latency<DB: DrawingBackend>(area: DrawingArea<DB, Shift>, runs: &[Run]) 
         .label_style((FONT_FAMILY, 14))
         .draw()
         .map_err(|error| error.to_string())?;
-    for (index, (run, curve)) in runs.iter().zip(curves).enumerate() {
-        let color = Palette99::pick(index).to_rgba();
-        chart
-            .draw_series(LineSeries::new(curve, color.stroke_width(2)))
-            .map_err(|error| error.to_string())?
-            .label(run.label.clone())
-            .legend(move |(x, y)| {
-                PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2))
-            });
-    }
-    chart
-        .configure_series_labels()
-        .position(SeriesLabelPosition::UpperLeft)
-        .background_style(WHITE.mix(0.8))
-        .border_style(BLACK)
-        .label_font((FONT_FAMILY, 14))
-        .draw()
-        .map_err(|error| error.to_string())?;
+    let lines = runs
+        .iter()
+        .zip(curves)
+        .map(|(run, curve)| (run.label.clone(), curve));
+    draw_lines(&mut chart, lines, SeriesLabelPosition::UpperLeft)?;
     area.present().map_err(|error| error.to_string())
 }
 
@@ -290,24 +312,8 @@ fn draw_iops<DB: DrawingBackend>(area: DrawingArea<DB, Shift>, runs: &[Run]) -> 
         .label_style((FONT_FAMILY, 14))
         .draw()
         .map_err(|error| error.to_string())?;
-    for (index, run) in runs.iter().enumerate() {
-        let color = Palette99::pick(index).to_rgba();
-        chart
-            .draw_series(LineSeries::new(run.iops.clone(), color.stroke_width(2)))
-            .map_err(|error| error.to_string())?
-            .label(run.label.clone())
-            .legend(move |(x, y)| {
-                PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2))
-            });
-    }
-    chart
-        .configure_series_labels()
-        .position(SeriesLabelPosition::UpperRight)
-        .background_style(WHITE.mix(0.8))
-        .border_style(BLACK)
-        .label_font((FONT_FAMILY, 14))
-        .draw()
-        .map_err(|error| error.to_string())?;
+    let lines = runs.iter().map(|run| (run.label.clone(), run.iops.clone()));
+    draw_lines(&mut chart, lines, SeriesLabelPosition::UpperRight)?;
     area.present().map_err(|error| error.to_string())
 }
 
