@@ -349,8 +349,8 @@ pub struct VolumeCopy {
     /// Write-back only: space overwritten by a commit whose own note is not durable yet: (free
     /// counter, `durable_before` needed, piece). It moves to `limbo` once that note is durable.
     freed_unsynced: VecDeque<(u64, u64, Piece)>,
-    /// Write-back only: acknowledgements waiting for `durable_before` to reach their value, in op
-    /// order: a FUA write's, and every later write's behind it (acknowledgements stay in op order).
+    /// Write-back only: FUA writes' acknowledgements waiting for `durable_before` to reach their value,
+    /// in op order (so their values never decrease).
     acks_awaiting_sync: VecDeque<(u64, IoCompletion)>,
     /// Write-back only: FLUSH requests waiting for `durable_before` to reach their value.
     flushes: Vec<(u64, IoCompletion)>,
@@ -1972,12 +1972,9 @@ impl VolumeCopy {
                 result: Ok(length),
                 buf: request.buf,
             };
-            // Write-back: a FUA write is acknowledged once durable, and later ones wait behind it.
-            // (In the other modes every committed note is durable already.)
-            if !self.acks_awaiting_sync.is_empty() {
-                let needed = if fua { note_durable_before } else { 0 };
-                self.acks_awaiting_sync.push_back((needed, completion));
-            } else if fua && note_durable_before > self.durable_before {
+            // Write-back: a FUA write is acknowledged once durable; later writes do not wait for it
+            // (NBD replies need no order). In the other modes every committed note is durable.
+            if fua && note_durable_before > self.durable_before {
                 self.acks_awaiting_sync
                     .push_back((note_durable_before, completion));
             } else {

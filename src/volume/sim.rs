@@ -730,6 +730,11 @@ struct Undiscarded {
     durable: bool,
     /// Discards since the last power cut (the model keeps only the last one's history).
     discards: u64,
+    /// Carried over a power cut whose recovery kept the discard: the first blocks after it may still
+    /// be vouched for by no durable header, so damage to them can still bring the old history back
+    /// (never a plain recovery: `durable`), until a request of the new incarnation is acknowledged
+    /// (its durable block's header vouches for every block before it).
+    until_acknowledged: bool,
 }
 
 /// A catch-up source running on the copy, with the reference it must reproduce.
@@ -1918,6 +1923,7 @@ impl Simulation {
             numbered_op: self.numbered_op,
             durable: false,
             discards: discards + 1,
+            until_acknowledged: false,
         });
         for request in self.outstanding.values_mut() {
             if request.effect.is_some() && request.op.is_none_or(|op| op > committed) {
@@ -1987,11 +1993,14 @@ impl Simulation {
                         "op {op} acknowledged {length} bytes of {}",
                         request.length
                     );
-                    // Catch-up ops may skip ahead, and several notes may share one.
+                    // Catch-up ops may skip ahead, and several notes may share one. Under write-back
+                    // a FUA write's acknowledgement waits for a sync and the later ones do not: the
+                    // others stay in op order.
                     sim_assert!(
                         self,
                         op == self.acknowledged_op + 1
-                            || request.catch_up && op >= self.acknowledged_op,
+                            || request.catch_up && op >= self.acknowledged_op
+                            || self.write_back() && (request.fua || op > self.acknowledged_op),
                         "op {op} acknowledged out of order (last acknowledged {})",
                         self.acknowledged_op
                     );
@@ -2005,19 +2014,26 @@ impl Simulation {
                         !self.errored_ops.contains(&op),
                         "op {op} got an error, then an acknowledgement"
                     );
-                    self.acknowledged_op = op;
+                    self.acknowledged_op = self.acknowledged_op.max(op);
                     if self.write_back() && !request.fua {
                         // In the device's cache only: a power cut may lose it.
                         self.stats.acknowledged_unsynced += 1;
                     } else if self.limit_max_since.is_some_and(|since| op > since) {
-                        self.guaranteed_op = op;
+                        // A late FUA acknowledgement guarantees the ops before it too.
+                        self.guaranteed_op = self.guaranteed_op.max(op);
                     } else {
                         self.stats.acknowledged_under_limit += 1;
                     }
                     self.stats.acknowledged += 1;
                     // Its block is durable and of the incarnation after any discard: the notes the
                     // discard dropped are void for every later recovery.
-                    if let Some(undiscarded) = self.undiscarded.as_mut() {
+                    if self
+                        .undiscarded
+                        .as_ref()
+                        .is_some_and(|undiscarded| undiscarded.until_acknowledged)
+                    {
+                        self.undiscarded = None;
+                    } else if let Some(undiscarded) = self.undiscarded.as_mut() {
                         undiscarded.durable = true;
                     }
                 }
@@ -2214,17 +2230,21 @@ impl Simulation {
                 // Damage to the first block after a discard, in the durable tail, looks like a torn
                 // write: the discard is undone, and the old history recovered.
                 let verdict = match (verdict, self.undiscarded.take()) {
-                    (Err(problem), Some(undiscarded)) if in_durable_tail => {
-                        let new_model = std::mem::replace(&mut self.model, undiscarded.model);
+                    (Err(problem), Some(mut undiscarded)) if in_durable_tail => {
+                        std::mem::swap(&mut self.model, &mut undiscarded.model);
                         let old_verdict = if op <= undiscarded.numbered_op {
                             self.compare_recovered(&recovered.map, &damaged, op)
                         } else {
                             Err(String::new())
                         };
-                        self.model = new_model;
+                        std::mem::swap(&mut self.model, &mut undiscarded.model);
+                        self.undiscarded = Some(undiscarded);
                         old_verdict.map_err(|_| problem)
                     }
-                    (verdict, _) => verdict,
+                    (verdict, undiscarded) => {
+                        self.undiscarded = undiscarded;
+                        verdict
+                    }
                 };
                 if let Err(problem) = verdict {
                     self.fail(format!(
@@ -2395,7 +2415,12 @@ impl Simulation {
         if discards <= 1 && self.rng.chance(1, self.config.corruption_one_in) {
             self.check_corruption_detected(&image, recovered.live_from_seq, recovered.next_seq);
         }
-        self.undiscarded = None;
+        // Recovery kept the discard (else `undiscarded` was taken above): carry it (see
+        // `until_acknowledged`).
+        if let Some(undiscarded) = self.undiscarded.as_mut() {
+            undiscarded.durable = true;
+            undiscarded.until_acknowledged = true;
+        }
         let allocator = match allocator_for(&self.superblock, &recovered.map) {
             Ok(allocator) => allocator,
             Err(problem) => self.fail(format!("recovered map: {problem}")),
