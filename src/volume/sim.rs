@@ -2317,6 +2317,12 @@ impl Simulation {
 
     fn power_cut_and_recover(&mut self) {
         self.stats.power_cuts += 1;
+        // Counted before this recovery may undo the last discard: damage may undo one discard, not
+        // several, and the model keeps only the history before the last one.
+        let discards = self
+            .undiscarded
+            .as_ref()
+            .map_or(0, |undiscarded| undiscarded.discards);
         self.stats.checkpoints += self.copy.stats().checkpoints;
         self.stats.sectors_landed_unsynced += self.device.power_cut();
         self.done.clear();
@@ -2408,10 +2414,6 @@ impl Simulation {
             self.stats.discards_undone += 1;
         }
         // Damage may undo one discard (see `check_corruption_detected`), not several.
-        let discards = self
-            .undiscarded
-            .as_ref()
-            .map_or(0, |undiscarded| undiscarded.discards);
         if discards <= 1 && self.rng.chance(1, self.config.corruption_one_in) {
             self.check_corruption_detected(&image, recovered.live_from_seq, recovered.next_seq);
         }
@@ -2692,6 +2694,18 @@ const REGRESSION_SEEDS: &[(u64, &str)] = &[
     (
         8484,
         "copy: a block sealed at the end of an iteration with no free device slot",
+    ),
+    (
+        8852,
+        "sim: a discard carried over a power cut, undone by damage to an unvouched block",
+    ),
+    (
+        14709,
+        "sim: discards counted after the recovery had undone the last one",
+    ),
+    (
+        12923,
+        "sim: discards counted after the recovery had undone the last one",
     ),
 ];
 
