@@ -304,6 +304,9 @@ pub struct VolumeCopy {
     sealed: VecDeque<SealedBlock>,
     notes: VecDeque<Note>,
     sync_in_flight: bool,
+    /// The first sealed block not written yet (`next_seq` when every sealed block is written): kept
+    /// as blocks complete, because write-back keeps thousands of written blocks in `sealed`.
+    unwritten_from: u64,
     /// `stats.data_bytes_written` when the last sync was issued.
     data_bytes_at_sync: u64,
     ops: Vec<Option<(DeviceOp, Submission)>>,
@@ -391,6 +394,7 @@ impl VolumeCopy {
             sealed: VecDeque::new(),
             notes: VecDeque::with_capacity(256),
             sync_in_flight: false,
+            unwritten_from: recovered.next_seq,
             data_bytes_at_sync: 0,
             ops: (0..DEVICE_OPS_MAX).map(|_| None).collect(),
             free_tags: (0..DEVICE_OPS_MAX as u32).rev().collect(),
@@ -1764,6 +1768,13 @@ impl VolumeCopy {
                 // Written: the buffer is free again (write-back keeps many blocks unsynced).
                 let buf = std::mem::replace(&mut block.buf, AlignedBuf::empty());
                 self.block_pool.push(buf);
+                // Blocks from `unwritten_from` on are all still in `sealed` (only written blocks
+                // leave it, from the front).
+                while self.unwritten_from < self.next_seq
+                    && self.sealed[(self.unwritten_from - front) as usize].written
+                {
+                    self.unwritten_from += 1;
+                }
                 if let Some(error) = error {
                     self.fail(error);
                 }
@@ -1814,11 +1825,14 @@ impl VolumeCopy {
     fn advance(&mut self, device: &mut dyn Device, done: &mut VecDeque<IoCompletion>) {
         // Everything before the first block that is unwritten, or that holds a note whose data is
         // still in flight, is ready to be made durable.
-        let mut ready_before = self
-            .sealed
-            .iter()
-            .find(|block| !block.written)
-            .map_or(self.next_seq, |block| block.seq);
+        debug_assert_eq!(
+            self.unwritten_from,
+            self.sealed
+                .iter()
+                .find(|block| !block.written)
+                .map_or(self.next_seq, |block| block.seq)
+        );
+        let mut ready_before = self.unwritten_from;
         if let Some(note) = self.notes.iter().find(|note| note.data_pending > 0) {
             ready_before = ready_before.min(note.first_seq);
         }
