@@ -2891,6 +2891,28 @@ fn small_copy(
     (superblock, device, copy)
 }
 
+/// Request `id` of the "in small" tests: a write of 4 KiB filled with the byte `id`, or a request
+/// of another kind with no data.
+fn small_request(id: u64, kind: IoKind, flags: IoFlags, offset: u64) -> IoRequest {
+    let mut buf = AlignedBuf::empty();
+    let mut length = 0;
+    if kind == IoKind::Write {
+        length = 4096;
+        buf = AlignedBuf::with_capacity(4096);
+        buf.set_len(4096);
+        buf.as_mut_slice().fill(id as u8);
+    }
+    IoRequest {
+        volume: 0,
+        kind,
+        flags,
+        offset,
+        length,
+        buf,
+        origin: origin_of(id),
+    }
+}
+
 /// Lets the copy write and the device complete everything, a few iterations' worth.
 fn settle(copy: &mut VolumeCopy, device: &mut SimDevice, done: &mut VecDeque<IoCompletion>) {
     for _ in 0..8 {
@@ -2908,24 +2930,7 @@ fn settle(copy: &mut VolumeCopy, device: &mut SimDevice, done: &mut VecDeque<IoC
 fn write_back_syncs_only_for_flush_and_fua() {
     let (_, mut device, mut copy) = small_copy(8, "write-back", 64 << 10, 4, Durability::WriteBack);
     let mut done = VecDeque::new();
-    let request = |id: u64, kind: IoKind, flags: IoFlags| {
-        let mut buf = AlignedBuf::empty();
-        let length = if kind == IoKind::Write { 4096 } else { 0 };
-        if kind == IoKind::Write {
-            buf = AlignedBuf::with_capacity(4096);
-            buf.set_len(4096);
-            buf.as_mut_slice().fill(id as u8);
-        }
-        IoRequest {
-            volume: 0,
-            kind,
-            flags,
-            offset: id * 4096,
-            length,
-            buf,
-            origin: origin_of(id),
-        }
-    };
+    let request = |id: u64, kind: IoKind, flags: IoFlags| small_request(id, kind, flags, id * 4096);
     // A new (or recovered) copy writes no data before a durable header vouches for its first block:
     // the first write waits for that, once.
     copy.submit(
@@ -3012,20 +3017,7 @@ fn replication_operations_in_small() {
 
     let (superblock, mut device, mut copy) = small_copy(5, "small", 64 << 10, 1, Durability::Dsync);
     let mut done = VecDeque::new();
-    let write = |id: u64, offset: u64| {
-        let mut buf = AlignedBuf::with_capacity(4096);
-        buf.set_len(4096);
-        buf.as_mut_slice().fill(id as u8);
-        IoRequest {
-            volume: 0,
-            kind: IoKind::Write,
-            flags: IoFlags::empty(),
-            offset,
-            length: 4096,
-            buf,
-            origin: origin_of(id),
-        }
-    };
+    let write = |id: u64, offset: u64| small_request(id, IoKind::Write, IoFlags::empty(), offset);
     copy.set_note_outbox(true);
     copy.set_commit_limit(0, &mut device, &mut done);
     copy.submit(write(1, 0), &mut device, &mut done);
@@ -3310,20 +3302,8 @@ fn catch_up_source_in_small() {
 #[test]
 fn reset_in_small_survives_power_cuts() {
     const SLOTS: u64 = 8;
-    let write = |id: u64, slot: u64| {
-        let mut buf = AlignedBuf::with_capacity(4096);
-        buf.set_len(4096);
-        buf.as_mut_slice().fill(id as u8);
-        IoRequest {
-            volume: 0,
-            kind: IoKind::Write,
-            flags: IoFlags::empty(),
-            offset: slot * 4096,
-            length: 4096,
-            buf,
-            origin: origin_of(id),
-        }
-    };
+    let write =
+        |id: u64, slot: u64| small_request(id, IoKind::Write, IoFlags::empty(), slot * 4096);
     let (mut before_reset, mut after_reset) = (0, 0);
     for seed in 0..300 {
         let mut rng = Rng::new(mix(seed ^ 0x7e5e7));
