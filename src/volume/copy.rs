@@ -2001,8 +2001,9 @@ impl VolumeCopy {
         self.release_limbo();
     }
 
-    /// Write-back: whether to make what is written durable now. Syncs cost the device a cache flush
-    /// (here ~100 µs, delaying the writes behind it), so they are issued only when something needs
+    /// Write-back: whether to make what is written durable now. A sync costs the device a cache
+    /// flush: about as much as writing back everything written since the last one, with the writes
+    /// behind it waiting (tuning.md §3). So syncs are issued only when something needs
     /// one: a FLUSH or FUA write waiting; a checkpoint whose blocks are all written; requests parked (for space, journal room, or
     /// the first vouched block after recovery); space to reuse while free space runs low; or half
     /// the journal blocks recovery allows in flight unsynced.
