@@ -2003,10 +2003,10 @@ impl VolumeCopy {
 
     /// Write-back: whether to make what is written durable now. A sync costs the device a cache
     /// flush: about as much as writing back everything written since the last one, with the writes
-    /// behind it waiting (tuning.md §3). So syncs are issued only when something needs
-    /// one: a FLUSH or FUA write waiting; a checkpoint whose blocks are all written; requests parked (for space, journal room, or
-    /// the first vouched block after recovery); space to reuse while free space runs low; or half
-    /// the journal blocks recovery allows in flight unsynced.
+    /// behind it waiting (tuning.md §3). So syncs are issued only when something needs one: a FLUSH
+    /// or FUA write waiting; a checkpoint whose blocks are all written; requests parked (for space,
+    /// journal room, or the first vouched block after recovery); space to reuse while free space
+    /// runs low; or half the journal blocks recovery allows in flight unsynced.
     fn sync_wanted(&self) -> bool {
         let spare = self
             .superblock
