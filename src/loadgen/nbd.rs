@@ -292,14 +292,7 @@ pub fn run(
                     out.extend_from_slice(&payload[..op.length as usize]);
                 }
             }
-            slots[slot_index] = InFlight {
-                busy: true,
-                is_write: op.is_write,
-                offset: op.offset,
-                length: op.length,
-                started: op.started,
-                measured: op.measured,
-            };
+            slots[slot_index] = InFlight::issued(&op);
             in_flight += 1;
         }
 

@@ -9,7 +9,7 @@ use std::io;
 use std::time::{Duration, Instant};
 
 use super::nbd::ConnectionTotals;
-use super::ops::OpPicker;
+use super::ops::{OpPicker, PlannedOp};
 use super::workload::PollMode;
 use super::{IntervalRecorder, RunClock};
 
@@ -45,6 +45,18 @@ impl InFlight {
             length: 0,
             started: now,
             measured: false,
+        }
+    }
+
+    /// The slot's record of `op`, just issued.
+    pub fn issued(op: &PlannedOp) -> InFlight {
+        InFlight {
+            busy: true,
+            is_write: op.is_write,
+            offset: op.offset,
+            length: op.length,
+            started: op.started,
+            measured: op.measured,
         }
     }
 

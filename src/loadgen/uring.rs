@@ -165,14 +165,7 @@ pub fn run(
                     "io_uring refused an entry although it had room",
                 )));
             }
-            slot.request = InFlight {
-                busy: true,
-                is_write: op.is_write,
-                offset: op.offset,
-                length: op.length,
-                started: op.started,
-                measured: op.measured,
-            };
+            slot.request = InFlight::issued(&op);
         }
         ring.submit().map_err(BenchError::Io)?;
 
