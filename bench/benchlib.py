@@ -508,6 +508,45 @@ def device_irq_core(path):
     return None
 
 
+class LoopTmpfsDevice:
+    """ext4 on a loop device backed by a sparse file in /dev/shm: O_DIRECT works (a block device), a
+    flush costs the loop driver an fsync of a tmpfs file (nothing to write back), and every target's
+    files share the one file system. Made at the start of the run, removed at the end."""
+
+    def __init__(self, gib):
+        if os.geteuid() != 0:
+            raise SystemExit("BENCH_DEVICE=loop-tmpfs needs root (losetup, mkfs.ext4, mount)")
+        handle, self.backing = tempfile.mkstemp(prefix="ferroblock-bench-loop-", dir="/dev/shm")
+        os.close(handle)
+        self.mount_point = tempfile.mkdtemp(prefix="ferroblock-bench-loop-")
+        self.loop = None
+        self.mounted = False
+        try:
+            with open(self.backing, "wb") as handle:
+                handle.truncate(int(gib * (1 << 30)))
+            self.loop = subprocess.run(["losetup", "--find", "--show", self.backing], check=True,
+                                       capture_output=True, text=True).stdout.strip()
+            subprocess.run(["mkfs.ext4", "-q", "-E", "nodiscard", self.loop], check=True)
+            subprocess.run(["mount", self.loop, self.mount_point], check=True)
+            self.mounted = True
+        except BaseException:
+            self.remove()
+            raise
+
+    def remove(self):
+        if self.mounted:
+            subprocess.run(["umount", self.mount_point], check=False)
+            self.mounted = False
+        if self.loop:
+            subprocess.run(["losetup", "-d", self.loop], check=False)
+            self.loop = None
+        for remove in (lambda: os.rmdir(self.mount_point), lambda: os.unlink(self.backing)):
+            try:
+                remove()
+            except OSError:
+                pass
+
+
 def allocated_bytes(path):
     """Disk space actually allocated (st_blocks) under a directory tree or for one file."""
     total = 0
