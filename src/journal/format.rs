@@ -245,7 +245,8 @@ pub fn get_note(block: &[u8], index: usize) -> Option<NoteRecord> {
         && note.offset.is_multiple_of(512)
         && note.length.is_multiple_of(512)
         && note.piece_index < note.piece_count
-        && (note.kind == NoteKind::Zero) == (note.location == LOCATION_ZERO);
+        && (note.kind == NoteKind::Zero) == (note.location == LOCATION_ZERO)
+        && (note.kind == NoteKind::Zero || note.location.is_multiple_of(512));
     sane.then_some(note)
 }
 

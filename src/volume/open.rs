@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use crate::alloc::Allocator;
-use crate::btree::{Location, Piece};
+use crate::btree::{ExtentMap, Location, Piece};
 use crate::io::AlignedBuf;
 use crate::io::buf::IO_ALIGNMENT;
 use crate::journal::format::JOURNAL_BLOCK_BYTES;
@@ -164,29 +164,8 @@ pub fn open_copy(
         let mut read_at = |address: u64, buffer: &mut [u8]| read_exact_at(&reader, buffer, address);
         recovery::recover(&superblock, &mut read_at).map_err(|problem| error(problem.into()))?
     };
-    let mut allocator = Allocator::new(superblock.data_bytes);
-    for extent in recovered.map.iter() {
-        if let Location::Data(address) = extent.location {
-            if address
-                .checked_add(extent.length)
-                .is_none_or(|end| end > superblock.data_bytes)
-            {
-                return Err(error(Problem::Inconsistent(
-                    "an extent points outside the data area",
-                )));
-            }
-            let piece = Piece {
-                address,
-                length: extent.length,
-            };
-            if !allocator.is_free(piece) {
-                return Err(error(Problem::Inconsistent(
-                    "two extents share the same data space",
-                )));
-            }
-            allocator.mark_used(piece);
-        }
-    }
+    let allocator = allocator_for(&superblock, &recovered.map)
+        .map_err(|problem| error(Problem::Inconsistent(problem)))?;
     tracing::info!(
         path = %path.display(),
         committed_op = recovered.committed_op,
@@ -205,6 +184,32 @@ pub fn open_copy(
         copy,
         created,
     })
+}
+
+/// The data-area allocator of a recovered map: every extent's data space taken. Refuses a map that
+/// points outside the data area or whose extents share data space (recovery checked each record, not
+/// how records relate).
+pub fn allocator_for(superblock: &Superblock, map: &ExtentMap) -> Result<Allocator, &'static str> {
+    let mut allocator = Allocator::new(superblock.data_bytes);
+    for extent in map.iter() {
+        if let Location::Data(address) = extent.location {
+            if address
+                .checked_add(extent.length)
+                .is_none_or(|end| end > superblock.data_bytes)
+            {
+                return Err("an extent points outside the data area");
+            }
+            let piece = Piece {
+                address,
+                length: extent.length,
+            };
+            if !allocator.is_free(piece) {
+                return Err("two extents share the same data space");
+            }
+            allocator.mark_used(piece);
+        }
+    }
+    Ok(allocator)
 }
 
 /// Reprovisioning in place: makes `copy`, whose store is `file`, an empty copy of the same volume

@@ -101,7 +101,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Instant;
 
 use crate::alloc::Allocator;
-use crate::btree::{ExtentMap, Location, Piece};
+use crate::btree::{ExtentMap, Location};
 use crate::io::AlignedBuf;
 use crate::io::device::Device;
 use crate::journal::format::{self, JOURNAL_BLOCK_BYTES};
@@ -109,6 +109,7 @@ use crate::journal::recovery::{self, Recovered};
 use crate::journal::superblock::Superblock;
 use crate::replication::message::{self as replication, NoteMessage};
 use crate::volume::copy::{Durability, VolumeCopy};
+use crate::volume::open::allocator_for;
 use crate::volume::{IoCompletion, IoFlags, IoKind, IoRequest, Origin, VolumeError};
 
 const SECTOR_BYTES: usize = 512;
@@ -987,29 +988,6 @@ fn recover_image(superblock: &Superblock, image: &[u8]) -> Result<Recovered, Str
 }
 
 /// The allocator of a recovered copy, as `open` builds it; an error when extents share data space.
-fn allocator_for(superblock: &Superblock, map: &ExtentMap) -> Result<Allocator, String> {
-    let mut allocator = Allocator::new(superblock.data_bytes);
-    for extent in map.iter() {
-        if let Location::Data(address) = extent.location {
-            let piece = Piece {
-                address,
-                length: extent.length,
-            };
-            if address
-                .checked_add(extent.length)
-                .is_none_or(|end| end > superblock.data_bytes)
-            {
-                return Err(format!("{extent:?} points outside the data area"));
-            }
-            if !allocator.is_free(piece) {
-                return Err(format!("{extent:?} shares data space with another extent"));
-            }
-            allocator.mark_used(piece);
-        }
-    }
-    Ok(allocator)
-}
-
 struct Simulation {
     seed: u64,
     step: u64,
