@@ -68,15 +68,8 @@ impl Cursor<'_> {
 }
 
 fuzz_target!(|data: &[u8]| {
-    let superblock = Superblock {
-        volume_id: VOLUME_ID,
-        name: "fuzz".to_owned(),
-        volume_size: VOLUME_BYTES,
-        journal_offset: JOURNAL_BLOCK_BYTES as u64,
-        journal_bytes: RING_BLOCKS * JOURNAL_BLOCK_BYTES as u64,
-        data_offset: (1 + RING_BLOCKS) * JOURNAL_BLOCK_BYTES as u64,
-        data_bytes: DATA_BYTES,
-    };
+    let superblock =
+        Superblock::with_regions(VOLUME_ID, "fuzz", VOLUME_BYTES, RING_BLOCKS, DATA_BYTES);
     let mut ring = vec![0u8; (RING_BLOCKS as usize) * JOURNAL_BLOCK_BYTES];
     // Checkpoint-done blocks whose extent checksum the harness computes once every block is placed.
     let mut fix_done_crc: Vec<(usize, BlockHeader, CheckpointDone)> = Vec::new();

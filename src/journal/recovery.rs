@@ -560,15 +560,7 @@ mod tests {
     const RING_BLOCKS: u64 = 64;
 
     fn superblock() -> Superblock {
-        Superblock {
-            volume_id: VOLUME_ID,
-            name: "v".to_owned(),
-            volume_size: 1 << 20,
-            journal_offset: JOURNAL_BLOCK_BYTES as u64,
-            journal_bytes: RING_BLOCKS * JOURNAL_BLOCK_BYTES as u64,
-            data_offset: (1 + RING_BLOCKS) * JOURNAL_BLOCK_BYTES as u64,
-            data_bytes: 2 << 20,
-        }
+        Superblock::with_regions(VOLUME_ID, "v", 1 << 20, RING_BLOCKS, 2 << 20)
     }
 
     fn header(seq: u64, kind: BlockKind, count: u16) -> BlockHeader {

@@ -45,9 +45,27 @@ impl Superblock {
     /// The layout for a new volume: journal sized to hold two full checkpoints plus notes, data area sized
     /// to the volume plus room for writes in flight (redirect-on-write needs free space to write into).
     pub fn new_layout(volume_id: u64, name: &str, volume_size: u64) -> Superblock {
-        let journal_bytes = journal_bytes_for(volume_size);
-        let data_bytes = data_bytes_for(volume_size);
+        let journal_blocks = journal_bytes_for(volume_size) / JOURNAL_BLOCK_BYTES as u64;
+        Superblock::with_regions(
+            volume_id,
+            name,
+            volume_size,
+            journal_blocks,
+            data_bytes_for(volume_size),
+        )
+    }
+
+    /// The superblock block, then a journal ring of `journal_blocks`, then `data_bytes` of data area
+    /// (tests, simulators and fuzzers choose small regions; `new_layout` sizes them for a volume).
+    pub fn with_regions(
+        volume_id: u64,
+        name: &str,
+        volume_size: u64,
+        journal_blocks: u64,
+        data_bytes: u64,
+    ) -> Superblock {
         let journal_offset = JOURNAL_BLOCK_BYTES as u64;
+        let journal_bytes = journal_blocks * JOURNAL_BLOCK_BYTES as u64;
         Superblock {
             volume_id,
             name: name.to_owned(),

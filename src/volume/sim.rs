@@ -2769,15 +2769,7 @@ fn recovery_detects_damage_vouched_for_by_the_furthest_block_in_flight() {
 
     // A ring in which the writer may keep the whole maximum in flight (a quarter of it).
     let journal_blocks = 4 * JOURNAL_BLOCKS_IN_FLIGHT_MAX;
-    let superblock = Superblock {
-        volume_id: 99,
-        name: "edge".to_owned(),
-        volume_size: 1 << 20,
-        journal_offset: JOURNAL_BLOCK_BYTES as u64,
-        journal_bytes: journal_blocks * JOURNAL_BLOCK_BYTES as u64,
-        data_offset: (1 + journal_blocks) * JOURNAL_BLOCK_BYTES as u64,
-        data_bytes: 1 << 20,
-    };
+    let superblock = Superblock::with_regions(99, "edge", 1 << 20, journal_blocks, 1 << 20);
     let mut image = vec![0u8; superblock.store_bytes() as usize];
     let damaged_seq = 1u64;
     // Block seq s holds the trim of op s + 1. Blocks up to D + MAX - 1 were sealed before D was durable.
@@ -2845,15 +2837,7 @@ fn small_copy(
     seed: u64,
     durability: Durability,
 ) -> (Superblock, SimDevice, VolumeCopy) {
-    let superblock = Superblock {
-        volume_id,
-        name: name.to_owned(),
-        volume_size,
-        journal_offset: JOURNAL_BLOCK_BYTES as u64,
-        journal_bytes: 64 * JOURNAL_BLOCK_BYTES as u64,
-        data_offset: 65 * JOURNAL_BLOCK_BYTES as u64,
-        data_bytes: 128 << 10,
-    };
+    let superblock = Superblock::with_regions(volume_id, name, volume_size, 64, 128 << 10);
     let device = SimDevice::new(
         vec![0u8; superblock.store_bytes() as usize],
         superblock.journal_offset,
