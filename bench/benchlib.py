@@ -165,10 +165,11 @@ def start_ferroblock(poll, cpus, log_dir, size="1G", extra=(), name=None, cores=
     every thread of the process (reactors, signal thread, main) stays on the target's core(s). `backend`
     "file" (with e.g. `extra=["--data-dir", DIR]`) serves a persistent volume."""
     name = name or f"ferroblock-{poll}"
-    # A persistent volume's fsyncs and dsync writes run on io_uring's kernel workers, which ferroblock
-    # places on cores without reactors: confining the whole process with taskset would put them back on
-    # the reactor's core, where a busy-polling reactor starves them. --cores still pins the reactors.
-    confine = [] if backend == "file" else taskset(cpus)
+    # A persistent volume's (or a raw store's) fsyncs and dsync writes run on io_uring's kernel workers,
+    # which ferroblock places on cores without reactors: confining the whole process with taskset would
+    # put them back on the reactor's core, where a busy-polling reactor starves them. --cores still pins
+    # the reactors.
+    confine = [] if backend in ("file", "raw") else taskset(cpus)
     argv = confine + [
         FERROBLOCK, "serve", "--listen", "127.0.0.1:0", "--backend", backend, "--size", size,
         "--poll", poll,
