@@ -52,8 +52,10 @@
 //!   the recovered committed op `W` is at least the highest acknowledged and flushed op and at most the
 //!   highest op given out; the recovered extent map, read straight from the image, equals the model after
 //!   ops `1..=W` exactly, sector by sector, including which sectors are allocated (trims and plain
-//!   write-zeroes are unallocated, write-zeroes with NO_HOLE are allocated zeros); no two extents share
-//!   data space. An op that got an error may be in `W` (a failed write's outcome is unknown), but then
+//!   write-zeroes are unallocated, write-zeroes with NO_HOLE are allocated zeros), and each mapped
+//!   sector's extent has the op of the sector's last change in the model (catch-up relies on those
+//!   ops; equal contents can come from two histories, e.g. when recovery undoes a discard); no two
+//!   extents share data space. An op that got an error may be in `W` (a failed write's outcome is unknown), but then
 //!   whole. The workload then goes on on a copy opened from the recovered state; the model forgets ops
 //!   above `W` and numbering continues at `W + 1`.
 //! - Corruption (at some power cuts): a bit flipped in one valid journal block of the durable image must
@@ -677,13 +679,15 @@ impl Model {
 
     /// The value of `sector` after ops `1..=op`.
     fn value_at(&self, sector: u64, op: u64) -> SectorValue {
+        self.last_change(sector, op)
+            .map_or(SectorValue::Unallocated, |(_, value)| value)
+    }
+
+    /// The op that last changed `sector` at or before `op`, and what it left there.
+    fn last_change(&self, sector: u64, op: u64) -> Option<(u64, SectorValue)> {
         let history = &self.history[sector as usize];
         let after = history.partition_point(|&(written_by, _)| written_by <= op);
-        if after == 0 {
-            SectorValue::Unallocated
-        } else {
-            history[after - 1].1
-        }
+        after.checked_sub(1).map(|last| history[last])
     }
 
     /// Forgets every op above `op`.
@@ -2113,6 +2117,9 @@ impl Simulation {
     fn compare_recovered(&self, map: &ExtentMap, image: &[u8], op: u64) -> Result<(), String> {
         let volume_sectors = self.superblock.volume_size / SECTOR;
         let mut observed = vec![(Observed::Zeros, false); volume_sectors as usize];
+        // The op of the extent that maps each sector: catch-up sends "every extent with op > S", so
+        // a recovered state with the right contents but other ops would mislead a returning peer.
+        let mut ops: Vec<Option<u64>> = vec![None; volume_sectors as usize];
         let mut covered_to = 0;
         for extent in map.iter() {
             if extent.offset < covered_to
@@ -2129,6 +2136,7 @@ impl Simulation {
             covered_to = extent.end();
             for index in 0..extent.length / SECTOR {
                 let sector = extent.offset / SECTOR + index;
+                ops[sector as usize] = Some(extent.op);
                 observed[sector as usize] = match extent.location {
                     Location::Zero => (Observed::Zeros, false),
                     Location::Data(address) => {
@@ -2142,11 +2150,20 @@ impl Simulation {
             }
         }
         for (sector, &(seen, allocated)) in observed.iter().enumerate() {
-            let expected = self.model.value_at(sector as u64, op);
+            let last_change = self.model.last_change(sector as u64, op);
+            let expected = last_change.map_or(SectorValue::Unallocated, |(_, value)| value);
             if seen != expected.reads_as() || allocated != expected.is_allocated() {
                 return Err(format!(
                     "sector {sector} recovered as {seen:?} (allocated: {allocated}); the model has \
                      {expected:?} after op {op}"
+                ));
+            }
+            let expected_op = last_change.map(|(written_by, _)| written_by);
+            if ops[sector].is_some() && ops[sector] != expected_op {
+                return Err(format!(
+                    "sector {sector} recovered with op {:?}; the model's last change to it up to op \
+                     {op} is op {expected_op:?}",
+                    ops[sector]
                 ));
             }
         }
@@ -2676,6 +2693,11 @@ const REGRESSION_SEEDS: &[(u64, &str)] = &[
     (
         8852,
         "sim: a discard carried over a power cut, undone by damage to an unvouched block",
+    ),
+    (
+        39664,
+        "sim: recovery undid a discard, but both histories had the same contents at the recovered \
+         op, so the model kept the wrong one (recovered ops are now compared too)",
     ),
     (
         14709,
