@@ -55,8 +55,8 @@
 //!   write-zeroes are unallocated, write-zeroes with NO_HOLE are allocated zeros), and each mapped
 //!   sector's extent has the op of the sector's last change in the model (catch-up relies on those
 //!   ops; equal contents can come from two histories, e.g. when recovery undoes a discard); no two
-//!   extents share data space. An op that got an error may be in `W` (a failed write's outcome is unknown), but then
-//!   whole. The workload then goes on on a copy opened from the recovered state; the model forgets ops
+//!   extents share data space. An op that got an error may be in `W` (a failed write's outcome is
+//!   unknown), but then whole. The workload then goes on on a copy opened from the recovered state; the model forgets ops
 //!   above `W` and numbering continues at `W + 1`.
 //! - Corruption (at some power cuts): a bit flipped in one valid journal block of the durable image must
 //!   make recovery fail, or recover exactly the model's state after some op `W'` with `W'` at least the
@@ -2116,10 +2116,10 @@ impl Simulation {
     /// Compares a recovered map, read straight from `image`, with the model after ops `1..=op`.
     fn compare_recovered(&self, map: &ExtentMap, image: &[u8], op: u64) -> Result<(), String> {
         let volume_sectors = self.superblock.volume_size / SECTOR;
-        let mut observed = vec![(Observed::Zeros, false); volume_sectors as usize];
-        // The op of the extent that maps each sector: catch-up sends "every extent with op > S", so
-        // a recovered state with the right contents but other ops would mislead a returning peer.
-        let mut ops: Vec<Option<u64>> = vec![None; volume_sectors as usize];
+        // Per sector: what it reads as, whether it is allocated, and the op of the extent that maps
+        // it (catch-up sends "every extent with op > S": a recovered state with the right contents
+        // but other ops would mislead a returning peer).
+        let mut observed = vec![(Observed::Zeros, false, None); volume_sectors as usize];
         let mut covered_to = 0;
         for extent in map.iter() {
             if extent.offset < covered_to
@@ -2136,20 +2136,19 @@ impl Simulation {
             covered_to = extent.end();
             for index in 0..extent.length / SECTOR {
                 let sector = extent.offset / SECTOR + index;
-                ops[sector as usize] = Some(extent.op);
                 observed[sector as usize] = match extent.location {
-                    Location::Zero => (Observed::Zeros, false),
+                    Location::Zero => (Observed::Zeros, false, Some(extent.op)),
                     Location::Data(address) => {
                         let at = (self.superblock.data_offset + address + index * SECTOR) as usize;
                         let Some(bytes) = image.get(at..at + SECTOR_BYTES) else {
                             return Err(format!("{extent:?} points outside the store"));
                         };
-                        (observe(self.seed, sector, bytes), true)
+                        (observe(self.seed, sector, bytes), true, Some(extent.op))
                     }
                 };
             }
         }
-        for (sector, &(seen, allocated)) in observed.iter().enumerate() {
+        for (sector, &(seen, allocated, mapped_op)) in observed.iter().enumerate() {
             let last_change = self.model.last_change(sector as u64, op);
             let expected = last_change.map_or(SectorValue::Unallocated, |(_, value)| value);
             if seen != expected.reads_as() || allocated != expected.is_allocated() {
@@ -2159,11 +2158,10 @@ impl Simulation {
                 ));
             }
             let expected_op = last_change.map(|(written_by, _)| written_by);
-            if ops[sector].is_some() && ops[sector] != expected_op {
+            if mapped_op.is_some() && mapped_op != expected_op {
                 return Err(format!(
-                    "sector {sector} recovered with op {:?}; the model's last change to it up to op \
-                     {op} is op {expected_op:?}",
-                    ops[sector]
+                    "sector {sector} recovered with op {mapped_op:?}; the model's last change to it up \
+                     to op {op} is op {expected_op:?}"
                 ));
             }
         }
