@@ -7,7 +7,7 @@
 
 use ferroblock::journal::format::{
     self, BlockHeader, BlockKind, CheckpointDone, EXTENTS_PER_BLOCK, ExtentRecord,
-    JOURNAL_BLOCK_BYTES, LOCATION_ZERO, NOTES_PER_BLOCK, NoteKind, NoteRecord,
+    INLINE_SLOTS_MAX, JOURNAL_BLOCK_BYTES, LOCATION_ZERO, NOTES_PER_BLOCK, NoteKind, NoteRecord,
 };
 use ferroblock::journal::recovery::recover;
 use ferroblock::journal::superblock::Superblock;
@@ -106,6 +106,12 @@ fuzz_target!(|data: &[u8]| {
             BlockKind::CheckpointDone => 1,
         };
         let count = (usize::from(cursor.u8()) % (RECORDS_MAX + 1)).min(capacity);
+        // An inline note's data slots: only a notes block with one record may claim some.
+        let data_slots = if kind == BlockKind::Notes && count == 1 {
+            cursor.u8() % (INLINE_SLOTS_MAX as u8 + 1)
+        } else {
+            0
+        };
         let header = BlockHeader {
             volume_id: VOLUME_ID,
             seq,
@@ -114,6 +120,7 @@ fuzz_target!(|data: &[u8]| {
             incarnation: u32::from(cursor.u8() % 4),
             kind,
             count: count as u16,
+            data_slots,
             checkpoint_id: u64::from(cursor.u8() % 4),
             resume_op: u64::from(cursor.u8() % 8),
         };
@@ -242,6 +249,11 @@ fuzz_target!(|data: &[u8]| {
         );
     }
     assert!(recovered.live_from_seq <= recovered.next_seq);
+    // Inline notes' data is copied from the journal to the data area, never elsewhere.
+    for copy in &recovered.home_copies {
+        assert!(journal.start <= copy.from && copy.from + copy.length <= journal.end);
+        assert!(superblock.data_offset <= copy.to && copy.to + copy.length <= store_bytes);
+    }
     // What `open_copy` does next: the allocator (refusing shared data space), then the copy.
     if let Ok(allocator) = allocator_for(&superblock, &recovered.map) {
         let copy = VolumeCopy::new(superblock, recovered, allocator, Durability::Fdatasync);

@@ -7,9 +7,13 @@
 //! Block header (64 bytes):
 //! ```text
 //!  0 magic u64 "FBJOURN1"   8 volume_id u64      16 seq u64            24 durable_before u64
-//! 32 commit_through u64    40 incarnation u32   44 kind u8, pad u8, count u16
+//! 32 commit_through u64    40 incarnation u32   44 kind u8, data_slots u8, count u16
 //! 48 checkpoint_id u32     52 resume_op u64     60 crc32c u32 (of the whole block, this field zero)
 //! ```
+//! `data_slots` (format version 3): the ring slots right after this block hold the data of its one
+//! note (an inline note: one IO writes block and data; see `volume::copy`), padded to whole slots.
+//! They take the next seqs, so the next block's seq is `seq + 1 + data_slots`. Never past the ring's
+//! end: the writer does not inline a note whose slots would wrap.
 //! `resume_op`: the commit watermark the writer's incarnation recovered to. Notes with a larger op in
 //! blocks of earlier incarnations were dropped by that recovery and are void from then on.
 //! `durable_before`: every block with a smaller seq was durable when this one was written.
@@ -22,6 +26,8 @@ pub const BLOCK_HEADER_BYTES: usize = 64;
 pub const NOTE_RECORD_BYTES: usize = 64;
 pub const EXTENT_RECORD_BYTES: usize = 32;
 pub const NOTES_PER_BLOCK: usize = (JOURNAL_BLOCK_BYTES - BLOCK_HEADER_BYTES) / NOTE_RECORD_BYTES;
+/// Most data slots an inline note takes (its data is at most this many journal blocks).
+pub const INLINE_SLOTS_MAX: usize = 16;
 pub const EXTENTS_PER_BLOCK: usize =
     (JOURNAL_BLOCK_BYTES - BLOCK_HEADER_BYTES) / EXTENT_RECORD_BYTES;
 
@@ -46,6 +52,8 @@ pub struct BlockHeader {
     pub incarnation: u32,
     pub kind: BlockKind,
     pub count: u16,
+    /// Notes blocks: ring slots after this one holding the data of its inline note (0: none).
+    pub data_slots: u8,
     /// Checkpoint blocks: which checkpoint (fits 32 bits: one per half journal ring).
     pub checkpoint_id: u64,
     pub resume_op: u64,
@@ -144,7 +152,14 @@ pub fn seal_block(block: &mut [u8], header: &BlockHeader) {
     put_u64(block, 32, header.commit_through);
     put_u32(block, 40, header.incarnation);
     block[44] = header.kind as u8;
-    block[45] = 0;
+    assert!(
+        header.data_slots == 0
+            || header.kind == BlockKind::Notes
+                && header.count == 1
+                && usize::from(header.data_slots) <= INLINE_SLOTS_MAX,
+        "only a notes block with one note carries inline data"
+    );
+    block[45] = header.data_slots;
     put_u16(block, 46, header.count);
     let checkpoint_id = u32::try_from(header.checkpoint_id).expect("checkpoint ids fit 32 bits");
     put_u32(block, 48, checkpoint_id);
@@ -181,7 +196,13 @@ pub fn open_block(block: &[u8], volume_id: u64) -> Option<BlockHeader> {
         BlockKind::CheckpointExtents => EXTENTS_PER_BLOCK,
         BlockKind::CheckpointDone => 1,
     };
-    if usize::from(count) > capacity {
+    let data_slots = block[45];
+    if usize::from(count) > capacity
+        || data_slots != 0
+            && (kind != BlockKind::Notes
+                || count != 1
+                || usize::from(data_slots) > INLINE_SLOTS_MAX)
+    {
         return None;
     }
     Some(BlockHeader {
@@ -192,6 +213,7 @@ pub fn open_block(block: &[u8], volume_id: u64) -> Option<BlockHeader> {
         incarnation: get_u32(block, 40),
         kind,
         count,
+        data_slots,
         checkpoint_id: u64::from(get_u32(block, 48)),
         resume_op: get_u64(block, 52),
     })
@@ -311,6 +333,7 @@ mod tests {
             incarnation: 2,
             kind,
             count,
+            data_slots: 0,
             checkpoint_id: 0,
             resume_op: 3,
         }

@@ -9,7 +9,7 @@
 
 use std::io;
 
-use crate::btree::{Extent, ExtentMap, Location};
+use crate::btree::{Extent, ExtentMap, Location, Mapping};
 use crate::journal::format::{
     self, BlockHeader, BlockKind, CheckpointDone, JOURNAL_BLOCK_BYTES, LOCATION_ZERO, NoteKind,
     NoteRecord,
@@ -62,9 +62,36 @@ pub struct Recovered {
     /// Durable notes above the watermark that were dropped (never acknowledged).
     pub notes_dropped: u64,
     pub blocks_replayed: u64,
+    /// Copies to make (then make durable) before the copy writes anything: see `HomeCopy`.
+    pub home_copies: Vec<HomeCopy>,
 }
 
 impl Recovered {
+    /// Prepares the store for the recovered copy; the caller then makes it durable before the copy
+    /// writes anything. Makes the `home_copies` (until then the journal still holds the data), and
+    /// erases the slot of block `next_seq`: it may hold a torn block of the crashed incarnation, whose
+    /// missing sectors a torn write of the new incarnation's first block could complete (sectors of
+    /// zeros are alike in both), bringing back the notes this recovery dropped, and the blocks after
+    /// them.
+    pub fn prepare_store(
+        &self,
+        superblock: &Superblock,
+        read_at: &mut ReadAt<'_>,
+        write_at: &mut dyn FnMut(u64, &[u8]) -> io::Result<()>,
+    ) -> io::Result<()> {
+        let mut buffer = Vec::new();
+        for copy in &self.home_copies {
+            buffer.resize(copy.length as usize, 0);
+            read_at(copy.from, &mut buffer)?;
+            write_at(copy.to, &buffer)?;
+        }
+        let slot = self.next_seq % superblock.journal_blocks();
+        write_at(
+            superblock.journal_offset + slot * JOURNAL_BLOCK_BYTES as u64,
+            &[0u8; JOURNAL_BLOCK_BYTES],
+        )
+    }
+
     /// The state of a store that was just created.
     pub fn empty() -> Recovered {
         Recovered {
@@ -76,6 +103,7 @@ impl Recovered {
             checkpoint_id: 0,
             notes_dropped: 0,
             blocks_replayed: 0,
+            home_copies: Vec::new(),
         }
     }
 }
@@ -117,8 +145,12 @@ pub fn recover(
             let Some(header) = format::open_block(block, volume_id) else {
                 continue;
             };
-            if header.seq % ring_blocks != slot {
-                continue; // a block can only live in its own slot; anything else is not ours
+            if header.seq % ring_blocks != slot
+                || slot + u64::from(header.data_slots) >= ring_blocks
+            {
+                // A block can only live in its own slot, and its inline data never wraps: anything
+                // else is not ours.
+                continue;
             }
             max_incarnation = max_incarnation.max(header.incarnation);
             if header.kind == BlockKind::CheckpointDone {
@@ -145,7 +177,7 @@ pub fn recover(
                 break;
             }
             chain_incarnation = summary.header.incarnation;
-            end_seq += 1;
+            end_seq += 1 + u64::from(summary.header.data_slots);
         }
         (end_seq, chain_incarnation)
     };
@@ -193,7 +225,10 @@ pub fn recover(
     let mut end_seq = start_seq;
     let mut chain_incarnation = 0u32;
     let mut durable_before = start_seq;
+    // One header per seq: an inline note's data slots repeat its block's header (they were written
+    // with it), and are marked in `is_data`.
     let mut chain: Vec<BlockHeader> = Vec::new();
+    let mut is_data: Vec<bool> = Vec::new();
     while end_seq - start_seq < ring_blocks {
         let Some(summary) = summaries[slot_of(end_seq)] else {
             break;
@@ -204,7 +239,12 @@ pub fn recover(
         chain_incarnation = summary.header.incarnation;
         durable_before = durable_before.max(summary.header.durable_before);
         chain.push(summary.header);
-        end_seq += 1;
+        is_data.push(false);
+        for _ in 0..summary.header.data_slots {
+            chain.push(summary.header);
+            is_data.push(true);
+        }
+        end_seq += 1 + u64::from(summary.header.data_slots);
     }
     // Notes of an incarnation above the watermark a later incarnation resumed from were dropped by that
     // recovery; their op numbers were reused. `void_above[i]`: the lowest such watermark after block i.
@@ -260,6 +300,9 @@ pub fn recover(
             let mut count = 0u64;
             let mut freed = Vec::new();
             for seq in done.first_seq..done.end_seq {
+                if is_data[(seq - start_seq) as usize] {
+                    continue;
+                }
                 read_block(&mut read, superblock, seq, &mut block)?;
                 let header = format::open_block(&block, volume_id)
                     .ok_or(damaged("a block changed while reading"))?;
@@ -324,7 +367,8 @@ pub fn recover(
     // record per data piece; a catch-up op is one or more notes of that op, complete only when a
     // record of another op follows (or the log ends: its op is then committed only if a header
     // recorded it, which the writer does only once the op is complete).
-    let mut unit: Vec<(NoteRecord, u64)> = Vec::new();
+    // Notes of the op being gathered: (record, seq of its block, inline data slots after it).
+    let mut unit: Vec<(NoteRecord, u64, u8)> = Vec::new();
     // Records of the unit's last note seen so far.
     let mut note_pieces = 0usize;
     let mut stopped = false;
@@ -339,8 +383,12 @@ pub fn recover(
         map: &mut map,
         freed: Vec::new(),
         data: &mut data,
+        inline_notes: Vec::new(),
     };
     for seq in start_seq..end_seq {
+        if is_data[(seq - start_seq) as usize] {
+            continue;
+        }
         if summaries[slot_of(seq)].is_some_and(|summary| summary.header.kind != BlockKind::Notes) {
             continue;
         }
@@ -367,9 +415,9 @@ pub fn recover(
             };
             let in_note = unit
                 .last()
-                .is_some_and(|(last, _)| note_pieces < usize::from(last.piece_count));
+                .is_some_and(|(last, ..)| note_pieces < usize::from(last.piece_count));
             if in_note {
-                let (last, _) = unit.last().expect("in a note");
+                let (last, ..) = unit.last().expect("in a note");
                 if note.op != last.op
                     || note.catch_up != last.catch_up
                     || note.piece_count != last.piece_count
@@ -379,7 +427,7 @@ pub fn recover(
                 }
             } else if unit
                 .first()
-                .is_some_and(|(first, _)| first.catch_up && note.catch_up && note.op == first.op)
+                .is_some_and(|(first, ..)| first.catch_up && note.catch_up && note.op == first.op)
             {
                 // Another note of the same catch-up op.
                 if note.piece_index != 0 {
@@ -393,7 +441,7 @@ pub fn recover(
                         Some(op) => committed_op = op,
                         None => {
                             stopped = true;
-                            stopped_at = unit.first().map(|(first, _)| first.op);
+                            stopped_at = unit.first().map(|(first, ..)| first.op);
                             notes_dropped += 1;
                             continue;
                         }
@@ -425,7 +473,19 @@ pub fn recover(
                     reason: "note out of range",
                 });
             }
-            unit.push((note, seq));
+            if header.data_slots > 0
+                && (note.kind != NoteKind::Write
+                    || note.catch_up
+                    || note.piece_count != 1
+                    || note.length.div_ceil(JOURNAL_BLOCK_BYTES as u64)
+                        != u64::from(header.data_slots))
+            {
+                return Err(RecoveryError::Malformed {
+                    seq,
+                    reason: "inline note does not match its data slots",
+                });
+            }
+            unit.push((note, seq, header.data_slots));
             note_pieces += 1;
             if !note.catch_up && note_pieces == usize::from(note.piece_count) {
                 match replay.commit(&mut unit, &mut read)? {
@@ -441,14 +501,14 @@ pub fn recover(
     // A catch-up op at the end of the log, whole: committed if a header says so.
     let whole = unit
         .last()
-        .is_some_and(|(last, _)| last.catch_up && note_pieces == usize::from(last.piece_count));
+        .is_some_and(|(last, ..)| last.catch_up && note_pieces == usize::from(last.piece_count));
     if !stopped
         && whole
         && let Some(op) = replay.commit(&mut unit, &mut read)?
     {
         committed_op = op;
     }
-    if let Some((first, _)) = unit.first() {
+    if let Some((first, ..)) = unit.first() {
         stopped_at.get_or_insert(first.op);
     }
     notes_dropped += unit.len() as u64;
@@ -467,8 +527,40 @@ pub fn recover(
             op: committed_op + 1,
         });
     }
+    // Only what the map still points to: space of an inline note's overwritten parts may hold
+    // newer data already (it was freed and reused once the overwrite was vouched for).
+    let inline_notes = std::mem::take(&mut replay.inline_notes);
+    let mut home_copies = Vec::new();
+    let mut mappings = Vec::new();
+    for inline in &inline_notes {
+        mappings.clear();
+        map.lookup(inline.offset, inline.length, &mut mappings);
+        for mapping in &mappings {
+            if let Mapping::Mapped(Extent {
+                offset,
+                length,
+                op,
+                location: Location::Data(address),
+            }) = *mapping
+                && op == inline.op
+            {
+                let delta = offset - inline.offset;
+                assert_eq!(
+                    address,
+                    inline.home + delta,
+                    "a replayed inline note's extent points into its own data space"
+                );
+                home_copies.push(HomeCopy {
+                    from: inline.data_address + delta,
+                    to: superblock.data_offset + address,
+                    length,
+                });
+            }
+        }
+    }
     Ok(Recovered {
         map,
+        home_copies,
         committed_op,
         next_seq: end_seq,
         live_from_seq: start_seq,
@@ -487,6 +579,35 @@ struct Replay<'a> {
     map: &'a mut ExtentMap,
     freed: Vec<crate::alloc::Piece>,
     data: &'a mut Vec<u8>,
+    /// Inline notes replayed, in op order: their data is copied home once the map is complete.
+    inline_notes: Vec<InlineNote>,
+}
+
+/// A replayed note whose data is in the journal (`BlockHeader::data_slots`).
+struct InlineNote {
+    op: u64,
+    offset: u64,
+    length: u64,
+    /// Its data-area address.
+    home: u64,
+    /// Where its data is in the store (the slot after its block).
+    data_address: u64,
+}
+
+/// Store address of the data of the inline note in block `seq` (the writer never wraps it).
+fn inline_data_address(superblock: &Superblock, seq: u64) -> u64 {
+    let slot = seq % superblock.journal_blocks() + 1;
+    superblock.journal_offset + slot * JOURNAL_BLOCK_BYTES as u64
+}
+
+/// Data to copy from the journal to the data area before the recovered copy writes anything: the
+/// still-mapped parts of the inline notes replayed (the writer may not have copied them yet).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HomeCopy {
+    /// Store addresses.
+    pub from: u64,
+    pub to: u64,
+    pub length: u64,
 }
 
 impl Replay<'_> {
@@ -495,18 +616,26 @@ impl Replay<'_> {
     /// checksum (then the records are counted as dropped by the caller: `unit` is left as it was).
     fn commit(
         &mut self,
-        unit: &mut Vec<(NoteRecord, u64)>,
+        unit: &mut Vec<(NoteRecord, u64, u8)>,
         read: &mut impl FnMut(u64, &mut [u8]) -> Result<(), RecoveryError>,
     ) -> Result<Option<u64>, RecoveryError> {
         let op = unit.first().expect("an op to commit").0.op;
         let committed = op <= self.commit_through;
-        let known_durable = unit.iter().all(|(_, seq)| *seq < self.durable_before);
+        // An inline note's data went with its block in one write: durable once its last slot is.
+        let known_durable = unit
+            .iter()
+            .all(|&(_, seq, data_slots)| seq + u64::from(data_slots) < self.durable_before);
         let mut intact = true;
         if committed && !known_durable {
-            for (piece, _) in unit.iter() {
+            for &(piece, seq, data_slots) in unit.iter() {
                 if piece.kind == NoteKind::Write {
                     self.data.resize(piece.length as usize, 0);
-                    read(self.superblock.data_offset + piece.location, self.data)?;
+                    let address = if data_slots > 0 {
+                        inline_data_address(self.superblock, seq)
+                    } else {
+                        self.superblock.data_offset + piece.location
+                    };
+                    read(address, self.data)?;
                     intact &= crc32c::crc32c(self.data) == piece.data_crc;
                 }
             }
@@ -514,7 +643,16 @@ impl Replay<'_> {
         if !committed || !intact {
             return Ok(None);
         }
-        for (piece, _) in unit.drain(..) {
+        for (piece, seq, data_slots) in unit.drain(..) {
+            if data_slots > 0 {
+                self.inline_notes.push(InlineNote {
+                    op,
+                    offset: piece.offset,
+                    length: piece.length,
+                    home: piece.location,
+                    data_address: inline_data_address(self.superblock, seq),
+                });
+            }
             if piece.length == 0 {
                 continue; // a catch-up jump: no extent
             }
@@ -572,6 +710,7 @@ mod tests {
             incarnation: 0,
             kind,
             count,
+            data_slots: 0,
             checkpoint_id: 1,
             resume_op: 0,
         }
@@ -689,6 +828,91 @@ mod tests {
         };
         assert!(matches!(
             recover_ring(&notes_with(note)),
+            Err(RecoveryError::Malformed { seq: 0, .. })
+        ));
+    }
+
+    /// An inline note's block followed by its data slots, then a block that overwrites part of it.
+    fn inline_ring(length: u64, data_slots: u8, data: &[u8]) -> Vec<(u64, Vec<u8>)> {
+        let note = NoteRecord {
+            op: 1,
+            epoch: 0,
+            offset: 0,
+            length,
+            location: 8192,
+            data_crc: crc32c::crc32c(data),
+            kind: NoteKind::Write,
+            piece_index: 0,
+            piece_count: 1,
+            catch_up: false,
+        };
+        let mut block = vec![0u8; JOURNAL_BLOCK_BYTES];
+        format::put_note(&mut block, 0, &note);
+        let mut first = header(0, BlockKind::Notes, 1);
+        first.commit_through = 1;
+        first.data_slots = data_slots;
+        format::seal_block(&mut block, &first);
+        let mut ring = vec![(0, block)];
+        let mut slots = data.to_vec();
+        slots.resize(usize::from(data_slots) * JOURNAL_BLOCK_BYTES, 0);
+        for (index, slot) in slots.chunks(JOURNAL_BLOCK_BYTES).enumerate() {
+            ring.push((1 + index as u64, slot.to_vec()));
+        }
+        let zero = NoteRecord {
+            op: 2,
+            offset: 4096,
+            length: 512,
+            location: LOCATION_ZERO,
+            data_crc: 0,
+            kind: NoteKind::Zero,
+            ..note
+        };
+        let mut block = vec![0u8; JOURNAL_BLOCK_BYTES];
+        format::put_note(&mut block, 0, &zero);
+        let seq = 1 + u64::from(data_slots);
+        let mut second = header(seq, BlockKind::Notes, 1);
+        second.commit_through = 2;
+        format::seal_block(&mut block, &second);
+        ring.push((seq, block));
+        ring
+    }
+
+    /// Recovery walks past an inline note's data slots, replays it, and asks for exactly its parts
+    /// still mapped to be copied home; a torn inline note (data checksum fails, never vouched for)
+    /// ends the log; slots that do not match the note are refused.
+    #[test]
+    fn inline_notes_replay_and_are_copied_home() {
+        let data: Vec<u8> = (0..6144u32).map(|index| (index % 251) as u8).collect();
+        let recovered = recover_ring(&inline_ring(6144, 2, &data)).expect("recovers");
+        assert_eq!(recovered.committed_op, 2);
+        assert_eq!(recovered.next_seq, 4);
+        let superblock = superblock();
+        let slot_1 = superblock.journal_offset + JOURNAL_BLOCK_BYTES as u64;
+        assert_eq!(
+            recovered.home_copies,
+            vec![
+                HomeCopy {
+                    from: slot_1,
+                    to: superblock.data_offset + 8192,
+                    length: 4096,
+                },
+                HomeCopy {
+                    from: slot_1 + 4608,
+                    to: superblock.data_offset + 8192 + 4608,
+                    length: 1536,
+                },
+            ]
+        );
+
+        let mut torn = inline_ring(6144, 2, &data);
+        torn[2].1[100] ^= 1;
+        torn.pop(); // nothing after it vouches for it
+        let recovered = recover_ring(&torn).expect("a torn tail recovers");
+        assert_eq!(recovered.committed_op, 0);
+        assert!(recovered.home_copies.is_empty());
+
+        assert!(matches!(
+            recover_ring(&inline_ring(4096, 2, &data[..4096])),
             Err(RecoveryError::Malformed { seq: 0, .. })
         ));
     }

@@ -12,8 +12,9 @@ use crate::journal::format::JOURNAL_BLOCK_BYTES;
 
 pub const SUPERBLOCK_BYTES: usize = 512;
 /// 2: note records may carry the catch-up flag (`journal::format::NOTE_FLAG_CATCH_UP`), which
-/// version 1 binaries would misread.
-pub const FORMAT_VERSION: u32 = 2;
+/// version 1 binaries would misread. 3: a notes block may be followed by the data of its inline note
+/// (`journal::format`, `data_slots`), which version 2 binaries would misread.
+pub const FORMAT_VERSION: u32 = 3;
 const MAGIC: u64 = u64::from_le_bytes(*b"FBVOLUM1");
 const NAME_BYTES_MAX: usize = 128;
 

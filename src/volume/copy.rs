@@ -28,7 +28,7 @@ use crate::io::AlignedBuf;
 use crate::io::device::Device;
 use crate::journal::format::{
     self, BlockHeader, BlockKind, CheckpointDone, EXTENTS_PER_BLOCK, ExtentRecord,
-    JOURNAL_BLOCK_BYTES, LOCATION_ZERO, NOTES_PER_BLOCK, NoteKind, NoteRecord,
+    INLINE_SLOTS_MAX, JOURNAL_BLOCK_BYTES, LOCATION_ZERO, NOTES_PER_BLOCK, NoteKind, NoteRecord,
 };
 use crate::journal::recovery::{JOURNAL_BLOCKS_IN_FLIGHT_MAX, Recovered};
 use crate::journal::superblock::Superblock;
@@ -86,6 +86,15 @@ const SOURCE_ITEMS_PER_POLL_MAX: usize = 4096;
 const UNSYNCED_DATA_BYTES_MAX: u64 = 256 << 20;
 /// Spare journal blocks kept beyond a checkpoint's needs.
 const JOURNAL_SPARE_BLOCKS: u64 = 8;
+/// Largest inline note (see `VolumeCopy::homes`): its data fills at most this many journal slots.
+const INLINE_BYTES_MAX: u64 = (INLINE_SLOTS_MAX * JOURNAL_BLOCK_BYTES) as u64;
+/// Inline notes' data gathered before it is written home, and the most runs (one write each) a batch
+/// gathers: a lone writer's data lands back to back (next-fit allocation), so a batch is usually one
+/// large write instead of one small write per note.
+const HOME_BATCH_BYTES: usize = 256 << 10;
+const HOME_BATCH_RUNS_MAX: usize = 32;
+/// Home batches a copy holds at most (memory: about 320 KiB each); beyond, writes are not inlined.
+const HOME_BATCHES_MAX: usize = 4;
 
 #[derive(Debug, Clone, Copy)]
 enum DeviceOp {
@@ -98,6 +107,12 @@ enum DeviceOp {
     },
     Sync {
         covers_before: u64,
+        /// Home batches written when the sync was issued: durable once it completes.
+        homes_through: u64,
+    },
+    /// A run of home batch `batch` (see `HomeBatch`).
+    HomeData {
+        batch: u64,
     },
     ReadPiece {
         read: u32,
@@ -168,6 +183,43 @@ struct SealedBlock {
     vouches_before: u64,
 }
 
+/// Inline notes' data on its way to its data-area addresses ("home"): copied here when the note's
+/// block is sealed, written in runs of consecutive addresses, and served to reads until written.
+struct HomeBatch {
+    id: u64,
+    buf: AlignedBuf,
+    runs: Vec<HomeRun>,
+    issued: bool,
+    writes_pending: u32,
+    /// A write failed: the copy has failed, and the batch stays (reads are served from it).
+    failed: bool,
+}
+
+/// Consecutive data-area bytes `[address, address + length)`, at `at` in its batch's buffer.
+struct HomeRun {
+    address: u64,
+    length: u64,
+    at: usize,
+}
+
+/// The bytes of data-area range `[address, address + length)` while a home batch holds them (not
+/// written yet). A committed extent lies inside one note's space, and so inside one run or none.
+fn staged_home(homes: &VecDeque<HomeBatch>, address: u64, length: u64) -> Option<&[u8]> {
+    for batch in homes {
+        for run in &batch.runs {
+            if address < run.address + run.length && run.address < address + length {
+                debug_assert!(
+                    run.address <= address && address + length <= run.address + run.length,
+                    "an extent straddles a home run"
+                );
+                let start = run.at + (address - run.address) as usize;
+                return Some(&batch.buf.as_slice()[start..start + length as usize]);
+            }
+        }
+    }
+    None
+}
+
 struct OpenBlock {
     buf: AlignedBuf,
     kind: BlockKind,
@@ -196,6 +248,9 @@ struct CheckpointJob {
     snapshot: ExtentMap,
     first_seq: u64,
     replay_from_seq: u64,
+    /// Home batches holding data of ops in the checkpoint: durable before the done block is written
+    /// (the journal slots of those inline notes are reused after it).
+    homes_through: u64,
     count: u64,
     crc: u32,
     /// Extent records scanned from the snapshot and not yet written.
@@ -273,6 +328,10 @@ pub struct CopyStats {
     pub notes_created: u64,
     pub journal_bytes_written: u64,
     pub free_bytes: u64,
+    /// Notes written inline: data in the journal with its block, one IO (see `VolumeCopy::homes`).
+    pub inline_notes: u64,
+    /// Home batches written (each one write per run of consecutive addresses).
+    pub home_batches: u64,
 }
 
 pub struct VolumeCopy {
@@ -359,6 +418,22 @@ pub struct VolumeCopy {
     flushes: Vec<(u64, IoCompletion)>,
     /// Never written to after allocation: the kernel may read it at any time.
     zeros: AlignedBuf,
+    /// Inline notes: a write started while no other note is in flight (a lone writer, QD1) puts its
+    /// data in the journal slots after its block and writes both in one IO, instead of a data write
+    /// and a block write; it commits once that IO is done (and durable, per the mode) like any other
+    /// note. Its data still goes to its data-area address ("home") later, in batches
+    /// (`HomeBatch`, oldest first; the last one gathers until `issue_homes`), and reads are served
+    /// from the batch until then. Recovery copies home what it replays (`Recovered::home_copies`);
+    /// a checkpoint's done block waits until the homes of its ops are durable, since the journal
+    /// slots go after it; space under an unwritten home is not reused (`release_limbo`).
+    homes: VecDeque<HomeBatch>,
+    home_pool: Vec<AlignedBuf>,
+    next_home_batch: u64,
+    /// Every home batch with an id up to this is written, resp. durable.
+    homes_written_through: u64,
+    homes_durable_through: u64,
+    /// `release_limbo` stopped at space under a home batch not issued yet.
+    limbo_waits_for_home: bool,
     stats: CopyStats,
 }
 
@@ -423,6 +498,12 @@ impl VolumeCopy {
             acks_awaiting_sync: VecDeque::new(),
             flushes: Vec::new(),
             zeros: AlignedBuf::empty(),
+            homes: VecDeque::new(),
+            home_pool: Vec::new(),
+            next_home_batch: 1,
+            homes_written_through: 0,
+            homes_durable_through: 0,
+            limbo_waits_for_home: false,
             stats: CopyStats::default(),
         }
     }
@@ -902,8 +983,12 @@ impl VolumeCopy {
                     unreachable!("only data mappings are kept");
                 };
                 let start = (piece_offset - offset) as usize;
-                let data =
-                    item.buf.as_mut_slice()[start..start + piece_length as usize].as_mut_ptr();
+                let target = &mut item.buf.as_mut_slice()[start..start + piece_length as usize];
+                if let Some(staged) = staged_home(&self.homes, address, piece_length) {
+                    target.copy_from_slice(staged);
+                    continue;
+                }
+                let data = target.as_mut_ptr();
                 item.pending += 1;
                 reads.push(Submission::Read {
                     address: self.superblock.data_offset + address,
@@ -1219,6 +1304,7 @@ impl VolumeCopy {
         }
         let entry = self.next_entry;
         self.next_entry += 1;
+        let inline_slots = self.inline_slots(&request, &pieces, zero_data, blocks_needed);
         let first_seq = self.open_block_seq(BlockKind::Notes);
         if let Some(open) = self.open_catch_up_op
             && (op > open || applied == Applied::CatchUpEnd)
@@ -1277,6 +1363,15 @@ impl VolumeCopy {
                     catch_up,
                 };
                 note.last_seq = self.append_note(&record, device);
+                if let Some(slots) = inline_slots {
+                    // Block and data in one write; the data goes home later (`homes`).
+                    let data = &request.buf.as_slice()[..length];
+                    self.seal_with_data(Some(data), device);
+                    self.stage_home(piece.address, data);
+                    note.last_seq += slots;
+                    self.stats.inline_notes += 1;
+                    break;
+                }
                 // Zeros come from the shared zero buffer, in chunks of its size.
                 let mut written = 0usize;
                 while written < length {
@@ -1326,6 +1421,119 @@ impl VolumeCopy {
         note.request = Some(request);
         self.notes.push_back(note);
         Ok(())
+    }
+
+    /// Journal slots for the data of this write as an inline note (`homes`), or `None`: it must be a
+    /// host write of one piece of at most `INLINE_BYTES_MAX`, started while no other note is in
+    /// flight (otherwise the block batches several notes and inlining would only write data twice),
+    /// and its slots must fit before the ring's end and in the room the journal has.
+    fn inline_slots(
+        &self,
+        request: &IoRequest,
+        pieces: &[crate::alloc::Piece],
+        zero_data: bool,
+        blocks_needed: u64,
+    ) -> Option<u64> {
+        let lone = self.notes.is_empty() && self.open.is_none() && self.open_catch_up_op.is_none();
+        let room = self.homes.len() < HOME_BATCHES_MAX
+            || self.homes.back().is_some_and(|batch| !batch.issued);
+        if !lone
+            || !room
+            || request.kind != IoKind::Write
+            || zero_data
+            || request.origin.is_replication()
+            || pieces.len() != 1
+            || u64::from(request.length) > INLINE_BYTES_MAX
+        {
+            return None;
+        }
+        let slots = u64::from(request.length).div_ceil(JOURNAL_BLOCK_BYTES as u64);
+        let slot = self.next_seq % self.superblock.journal_blocks();
+        (slot + slots < self.superblock.journal_blocks()
+            && self.journal_has_room(blocks_needed + slots))
+        .then_some(slots)
+    }
+
+    /// Copies an inline note's data into the gathering home batch (`homes`).
+    fn stage_home(&mut self, address: u64, data: &[u8]) {
+        let gathering = self.homes.back().is_some_and(|batch| {
+            !batch.issued
+                && batch.buf.len() < HOME_BATCH_BYTES
+                && batch.runs.len() < HOME_BATCH_RUNS_MAX
+        });
+        if !gathering {
+            let mut buf = self.home_pool.pop().unwrap_or_else(|| {
+                AlignedBuf::with_capacity(HOME_BATCH_BYTES + INLINE_BYTES_MAX as usize)
+            });
+            buf.set_len(0);
+            self.homes.push_back(HomeBatch {
+                id: self.next_home_batch,
+                buf,
+                runs: Vec::new(),
+                issued: false,
+                writes_pending: 0,
+                failed: false,
+            });
+            self.next_home_batch += 1;
+        }
+        let batch = self.homes.back_mut().expect("a gathering batch");
+        let at = batch.buf.len();
+        batch.buf.set_len(at + data.len());
+        batch.buf.as_mut_slice()[at..].copy_from_slice(data);
+        let length = data.len() as u64;
+        match batch.runs.last_mut() {
+            Some(run) if run.address + run.length == address => run.length += length,
+            _ => batch.runs.push(HomeRun {
+                address,
+                length,
+                at,
+            }),
+        }
+    }
+
+    /// Writes the gathering home batch when it is full or something waits for it: a checkpoint,
+    /// space under it (`limbo_waits_for_home`), or parked requests (which may wait for that space).
+    fn issue_homes(&mut self, device: &mut dyn Device) {
+        let Some(batch) = self.homes.back() else {
+            return;
+        };
+        let wanted = batch.buf.len() >= HOME_BATCH_BYTES
+            || batch.runs.len() >= HOME_BATCH_RUNS_MAX
+            || self.limbo_waits_for_home
+            || !self.waiting.is_empty()
+            || self
+                .checkpoint
+                .as_ref()
+                .is_some_and(|job| batch.id <= job.homes_through);
+        // Two slots stay for the blocks of writes started meanwhile.
+        if batch.issued
+            || !wanted
+            || self.failed.is_some()
+            || self.free_tags.len() < batch.runs.len() + 2
+        {
+            return;
+        }
+        let id = batch.id;
+        let writes: Vec<Submission> = batch
+            .runs
+            .iter()
+            .map(|run| Submission::Write {
+                address: self.superblock.data_offset + run.address,
+                data: batch.buf.as_slice()[run.at..].as_ptr(),
+                length: run.length as usize,
+            })
+            .collect();
+        let batch = self.homes.back_mut().expect("checked above");
+        batch.issued = true;
+        batch.writes_pending = writes.len() as u32;
+        self.stats.home_batches += 1;
+        self.limbo_waits_for_home = false;
+        for write in writes {
+            if let Submission::Write { length, .. } = write {
+                self.stats.data_bytes_written += length as u64;
+            }
+            self.issue(DeviceOp::HomeData { batch: id }, write, device);
+        }
     }
 
     /// The notes of catch-up op `op` (the newest notes) are all there: they commit once block
@@ -1463,9 +1671,6 @@ impl VolumeCopy {
                 }
                 return;
             }
-            if self.free_tags.is_empty() {
-                return; // resumed when a device op completes
-            }
             let Mapping::Mapped(Extent {
                 offset,
                 length,
@@ -1475,9 +1680,20 @@ impl VolumeCopy {
             else {
                 unreachable!("only data mappings are kept");
             };
+            let start = (offset - job.request.offset) as usize;
+            if !self.homes.is_empty()
+                && let Some(staged) = staged_home(&self.homes, address, length)
+            {
+                job.request.buf.as_mut_slice()[start..start + length as usize]
+                    .copy_from_slice(staged);
+                job.next += 1;
+                continue;
+            }
+            if self.free_tags.is_empty() {
+                return; // resumed when a device op completes
+            }
             job.next += 1;
             job.pending += 1;
-            let start = (offset - job.request.offset) as usize;
             let data = job.request.buf.as_mut_slice()[start..start + length as usize].as_mut_ptr();
             let address = self.superblock.data_offset + address;
             self.issue(
@@ -1576,16 +1792,24 @@ impl VolumeCopy {
 
     /// Seals the open block (header, checksum) and writes it.
     fn seal(&mut self, device: &mut dyn Device) {
+        self.seal_with_data(None, device);
+    }
+
+    /// Seals the open block and writes it, followed by `inline`, the data of its one note, in the
+    /// slots after it (padded to whole slots; see `homes`).
+    fn seal_with_data(&mut self, inline: Option<&[u8]>, device: &mut dyn Device) {
         let Some(mut open) = self.open.take() else {
             return;
         };
         let seq = self.next_seq;
+        let data_slots = inline.map_or(0, |data| data.len().div_ceil(JOURNAL_BLOCK_BYTES));
+        debug_assert!(data_slots <= INLINE_SLOTS_MAX);
         assert!(
-            seq - self.live_from_seq < self.superblock.journal_blocks(),
+            seq + data_slots as u64 - self.live_from_seq < self.superblock.journal_blocks(),
             "journal block {seq} would overwrite a block recovery still needs (live from {})",
             self.live_from_seq
         );
-        self.next_seq += 1;
+        self.next_seq += 1 + data_slots as u64;
         let header = BlockHeader {
             volume_id: self.superblock.volume_id,
             seq,
@@ -1594,10 +1818,26 @@ impl VolumeCopy {
             incarnation: self.incarnation,
             kind: open.kind,
             count: open.count as u16,
+            data_slots: data_slots as u8,
             checkpoint_id: open.checkpoint_id,
             resume_op: self.resume_op,
         };
-        format::seal_block(open.buf.as_mut_slice(), &header);
+        format::seal_block(&mut open.buf.as_mut_slice()[..JOURNAL_BLOCK_BYTES], &header);
+        let length = JOURNAL_BLOCK_BYTES * (1 + data_slots);
+        if let Some(data) = inline {
+            if open.buf.capacity() < length {
+                let mut larger =
+                    AlignedBuf::with_capacity(JOURNAL_BLOCK_BYTES * (1 + INLINE_SLOTS_MAX));
+                larger.set_len(JOURNAL_BLOCK_BYTES);
+                larger.as_mut_slice().copy_from_slice(open.buf.as_slice());
+                self.block_pool
+                    .push(std::mem::replace(&mut open.buf, larger));
+            }
+            open.buf.set_len(length);
+            let slots = &mut open.buf.as_mut_slice()[JOURNAL_BLOCK_BYTES..];
+            slots[..data.len()].copy_from_slice(data);
+            slots[data.len()..].fill(0);
+        }
         let slot = seq % self.superblock.journal_blocks();
         let address = self.superblock.journal_offset + slot * JOURNAL_BLOCK_BYTES as u64;
         let data = open.buf.as_slice().as_ptr();
@@ -1607,14 +1847,23 @@ impl VolumeCopy {
             written: false,
             vouches_before: header.durable_before,
         });
+        // The data slots take seqs too (recovery skips them); written with the block.
+        for data_seq in seq + 1..self.next_seq {
+            self.sealed.push_back(SealedBlock {
+                seq: data_seq,
+                buf: AlignedBuf::empty(),
+                written: true,
+                vouches_before: header.durable_before,
+            });
+        }
         self.stats.journal_blocks_written += 1;
-        self.stats.journal_bytes_written += JOURNAL_BLOCK_BYTES as u64;
+        self.stats.journal_bytes_written += length as u64;
         self.issue(
             DeviceOp::JournalBlock { seq },
             Submission::Write {
                 address,
                 data,
-                length: JOURNAL_BLOCK_BYTES,
+                length,
             },
             device,
         );
@@ -1676,6 +1925,7 @@ impl VolumeCopy {
         self.checkpoint_step(device);
         self.advance(device, done);
         self.retry_waiting(device, done);
+        self.issue_homes(device);
         self.write_vouching_block(device);
     }
 
@@ -1779,11 +2029,38 @@ impl VolumeCopy {
                     self.fail(error);
                 }
             }
-            DeviceOp::Sync { covers_before } => {
+            DeviceOp::Sync {
+                covers_before,
+                homes_through,
+            } => {
                 self.sync_in_flight = false;
                 match error {
                     Some(error) => self.fail(error),
-                    None => self.durable_before = self.durable_before.max(covers_before),
+                    None => {
+                        self.durable_before = self.durable_before.max(covers_before);
+                        self.homes_durable_through = self.homes_durable_through.max(homes_through);
+                    }
+                }
+            }
+            DeviceOp::HomeData { batch } => {
+                let front = self.homes.front().map_or(batch, |home| home.id);
+                let home = &mut self.homes[(batch - front) as usize];
+                home.writes_pending -= 1;
+                if let Some(error) = error {
+                    home.failed = true;
+                    self.fail(error);
+                }
+                // Batches finish in id order: a later one may complete first, and waits here.
+                while let Some(home) = self.homes.front() {
+                    if !home.issued || home.writes_pending > 0 || home.failed {
+                        break;
+                    }
+                    let home = self.homes.pop_front().expect("front exists");
+                    self.homes_written_through = home.id;
+                    if self.durability == Durability::Dsync {
+                        self.homes_durable_through = home.id;
+                    }
+                    self.home_pool.push(home.buf);
                 }
             }
             DeviceOp::SourceRead { slot, item } => {
@@ -1847,10 +2124,17 @@ impl VolumeCopy {
             match self.durability {
                 Durability::Dsync => self.durable_before = self.durable_before.max(ready_before),
                 Durability::Fdatasync | Durability::WriteBack => {
+                    // A checkpoint waits for written homes to be durable (`HomeBatch`).
+                    let homes_wanted = self.checkpoint.as_ref().is_some_and(|job| {
+                        matches!(job.phase, CheckpointPhase::AwaitDurable { .. })
+                            && self.homes_durable_through < job.homes_through
+                            && self.homes_written_through >= job.homes_through
+                    });
                     if !self.sync_in_flight
-                        && ready_before > self.durable_before
                         && !self.free_tags.is_empty()
-                        && (self.durability == Durability::Fdatasync || self.sync_wanted())
+                        && (ready_before > self.durable_before
+                            && (self.durability == Durability::Fdatasync || self.sync_wanted())
+                            || homes_wanted)
                     {
                         self.sync_in_flight = true;
                         self.stats.syncs += 1;
@@ -1858,6 +2142,7 @@ impl VolumeCopy {
                         self.issue(
                             DeviceOp::Sync {
                                 covers_before: ready_before,
+                                homes_through: self.homes_written_through,
                             },
                             Submission::Sync,
                             device,
@@ -2107,6 +2392,18 @@ impl VolumeCopy {
             if freed_at > oldest_read || vouching_seq >= self.vouched_before {
                 break;
             }
+            // Space an inline note's home write has yet to reach: reused only once it has, or that
+            // write would land on the new data.
+            if !self.homes.is_empty()
+                && self.homes.iter().any(|batch| {
+                    batch.runs.iter().any(|run| {
+                        run.address < piece.end() && piece.address < run.address + run.length
+                    })
+                })
+            {
+                self.limbo_waits_for_home = true;
+                break;
+            }
             self.limbo.pop_front();
             self.allocator.free(piece);
         }
@@ -2130,6 +2427,7 @@ impl VolumeCopy {
                 snapshot: self.map.snapshot(),
                 first_seq: self.next_seq,
                 replay_from_seq,
+                homes_through: self.next_home_batch - 1,
                 count: 0,
                 crc: 0,
                 records: Vec::new(),
@@ -2209,7 +2507,10 @@ impl VolumeCopy {
             }
             CheckpointPhase::AwaitDurable { end_seq } => {
                 // Two slots: the open notes block, then the done block.
-                if self.durable_before >= end_seq && self.free_tags.len() >= 2 {
+                if self.durable_before >= end_seq
+                    && self.homes_durable_through >= job.homes_through
+                    && self.free_tags.len() >= 2
+                {
                     self.seal(device);
                     self.open_block_seq(BlockKind::CheckpointDone);
                     let open = self.open.as_mut().expect("just opened");

@@ -162,7 +162,20 @@ pub fn open_copy(
         recovery::Recovered::empty()
     } else {
         let mut read_at = |address: u64, buffer: &mut [u8]| read_exact_at(&reader, buffer, address);
-        recovery::recover(&superblock, &mut read_at).map_err(|problem| error(problem.into()))?
+        let recovered = recovery::recover(&superblock, &mut read_at)
+            .map_err(|problem| error(problem.into()))?;
+        // Through a buffered descriptor (no alignment rules), durable before any new write.
+        let writer = OpenOptions::new()
+            .write(true)
+            .open(path)
+            .map_err(io_error)?;
+        recovered
+            .prepare_store(&superblock, &mut read_at, &mut |address, data| {
+                writer.write_all_at(data, address)
+            })
+            .and_then(|()| writer.sync_data())
+            .map_err(io_error)?;
+        recovered
     };
     let allocator = allocator_for(&superblock, &recovered.map)
         .map_err(|problem| error(Problem::Inconsistent(problem)))?;
@@ -172,6 +185,7 @@ pub fn open_copy(
         extents = recovered.map.extent_count(),
         journal_blocks = recovered.blocks_replayed,
         notes_dropped = recovered.notes_dropped,
+        inline_notes_copied = recovered.home_copies.len(),
         checkpoint = recovered.checkpoint_id,
         elapsed_ms = started.elapsed().as_millis() as u64,
         direct,
@@ -577,6 +591,54 @@ mod tests {
         );
         drop(device);
         drop(opened);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// Lone writes become inline notes (data in the journal, one write each): reads are served from
+    /// the home batch before it is written, and a restart that finds the homes never written copies
+    /// them from the journal (`Recovered::prepare_store`).
+    #[test]
+    fn inline_notes_read_back_and_are_copied_home_by_recovery() {
+        let dir = std::env::temp_dir().join(format!("ferroblock-inline-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        let path = dir.join("vol.fbv");
+        let _ = std::fs::remove_file(&path);
+
+        let mut opened = open(&path);
+        {
+            let mut device = FileDevice {
+                file: &opened.file,
+                completed: VecDeque::new(),
+            };
+            for (offset, fill) in [(0u64, 0xa1u8), (8192, 0xa2), (1 << 20, 0xa3), (0, 0xa4)] {
+                write(&mut opened.copy, &mut device, offset, fill);
+            }
+            let stats = opened.copy.stats();
+            assert_eq!(stats.inline_notes, 4);
+            assert_eq!(stats.data_bytes_written, 0, "no home written yet");
+            for (offset, fill) in [(0u64, 0xa4u8), (8192, 0xa2), (1 << 20, 0xa3)] {
+                assert!(
+                    read(&mut opened.copy, &mut device, offset)
+                        .iter()
+                        .all(|&b| b == fill)
+                );
+            }
+        }
+        drop(opened);
+        let mut opened = open(&path);
+        assert_eq!(opened.copy.committed_op(), 4);
+        let mut device = FileDevice {
+            file: &opened.file,
+            completed: VecDeque::new(),
+        };
+        for (offset, fill) in [(0u64, 0xa4u8), (8192, 0xa2), (1 << 20, 0xa3)] {
+            assert!(
+                read(&mut opened.copy, &mut device, offset)
+                    .iter()
+                    .all(|&b| b == fill),
+                "offset {offset} after recovery"
+            );
+        }
         let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -905,6 +905,10 @@ struct SimStats {
     /// Write-back: writes acknowledged without FUA, and how many of those power cuts lost.
     acknowledged_unsynced: u64,
     acknowledged_lost_unsynced: u64,
+    /// Inline notes written (data in the journal), and their parts recovery copied home.
+    inline_notes: u64,
+    inline_notes_copied: u64,
+    home_batches: u64,
 }
 
 impl SimStats {
@@ -942,6 +946,9 @@ impl SimStats {
         self.acknowledged_lost_under_limit += other.acknowledged_lost_under_limit;
         self.acknowledged_unsynced += other.acknowledged_unsynced;
         self.acknowledged_lost_unsynced += other.acknowledged_lost_unsynced;
+        self.inline_notes += other.inline_notes;
+        self.inline_notes_copied += other.inline_notes_copied;
+        self.home_batches += other.home_batches;
     }
 }
 
@@ -977,8 +984,30 @@ fn is_write_like(kind: IoKind) -> bool {
     matches!(kind, IoKind::Write | IoKind::Trim | IoKind::WriteZeroes)
 }
 
-/// Recovers from a store image held in memory.
-fn recover_image(superblock: &Superblock, image: &[u8]) -> Result<Recovered, String> {
+/// Recovers from a store image held in memory, and makes the recovery's home copies in it (what
+/// `open_copy` does before the copy starts: `Recovered::prepare_store`).
+fn recover_image(superblock: &Superblock, image: &mut [u8]) -> Result<Recovered, String> {
+    let recovered = recover_image_only(superblock, image)?;
+    let snapshot = image.to_vec();
+    recovered
+        .prepare_store(
+            superblock,
+            &mut |address: u64, buffer: &mut [u8]| {
+                let at = address as usize;
+                buffer.copy_from_slice(&snapshot[at..at + buffer.len()]);
+                Ok(())
+            },
+            &mut |address, data| {
+                let at = address as usize;
+                image[at..at + data.len()].copy_from_slice(data);
+                Ok(())
+            },
+        )
+        .map_err(|error| error.to_string())?;
+    Ok(recovered)
+}
+
+fn recover_image_only(superblock: &Superblock, image: &[u8]) -> Result<Recovered, String> {
     let mut read_at = |address: u64, buffer: &mut [u8]| -> io::Result<()> {
         let start = address as usize;
         let end = start
@@ -2203,7 +2232,7 @@ impl Simulation {
         let flip = 1u8 << self.rng.below(8);
         let mut damaged = image.to_vec();
         damaged[position] ^= flip;
-        match recover_image(&self.superblock, &damaged) {
+        match recover_image(&self.superblock, &mut damaged) {
             Err(_) => self.stats.corruptions_detected += 1,
             Ok(recovered) => {
                 let op = recovered.committed_op;
@@ -2273,13 +2302,16 @@ impl Simulation {
         let mut out = String::new();
         for (header, block) in blocks {
             out += &format!(
-                "  seq {} inc {} {:?} count {} durable_before {} commit_through {}\n",
+                "  seq {} inc {} {:?} count {} durable_before {} commit_through {} resume_op {} \
+                 data_slots {}\n",
                 header.seq,
                 header.incarnation,
                 header.kind,
                 header.count,
                 header.durable_before,
-                header.commit_through
+                header.commit_through,
+                header.resume_op,
+                header.data_slots
             );
             if header.kind != format::BlockKind::Notes {
                 continue;
@@ -2317,22 +2349,25 @@ impl Simulation {
             .as_ref()
             .map_or(0, |undiscarded| undiscarded.discards);
         self.stats.checkpoints += self.copy.stats().checkpoints;
+        self.stats.inline_notes += self.copy.stats().inline_notes;
+        self.stats.home_batches += self.copy.stats().home_batches;
         self.stats.sectors_landed_unsynced += self.device.power_cut();
         self.done.clear();
-        let image = std::mem::take(&mut self.device.durable);
+        let mut image = std::mem::take(&mut self.device.durable);
         if self.trace {
             eprintln!(
                 "journal at the power cut:\n{}",
                 self.describe_journal(&image)
             );
         }
-        let recovered = match recover_image(&self.superblock, &image) {
+        let recovered = match recover_image(&self.superblock, &mut image) {
             Ok(recovered) => recovered,
             Err(error) => self.fail(format!(
                 "recovery failed after a power cut (acknowledged through op {}): {error}",
                 self.acknowledged_op
             )),
         };
+        self.stats.inline_notes_copied += recovered.home_copies.len() as u64;
         let op = recovered.committed_op;
         if self.trace {
             eprintln!(
@@ -2560,6 +2595,8 @@ impl Simulation {
 fn run_seed(seed: u64, write_back: bool) -> SimStats {
     let mut simulation = Simulation::new(seed, write_back);
     simulation.run();
+    simulation.stats.inline_notes += simulation.copy.stats().inline_notes;
+    simulation.stats.home_batches += simulation.copy.stats().home_batches;
     simulation.stats
 }
 
@@ -2652,6 +2689,11 @@ fn simulated_power_cuts_write_back() {
 /// mapping from seed to scenario: after changing how a seed draws its workload, find new ones (run
 /// with the fix reverted and `FERROBLOCK_SIM_KEEP_GOING=1`).
 const REGRESSION_SEEDS: &[(u64, &str)] = &[
+    (
+        104881,
+        "recovery: a torn block at the journal's end, completed by a torn write of the next \
+         incarnation's first block (their sectors of zeros alike), brought back dropped notes",
+    ),
     (
         28,
         "copy: overwritten data space reused before a durable header vouched for its note",
@@ -2822,6 +2864,7 @@ fn recovery_detects_damage_vouched_for_by_the_furthest_block_in_flight() {
             incarnation: 1,
             kind: BlockKind::Notes,
             count: 1,
+            data_slots: 0,
             checkpoint_id: 0,
             resume_op: 0,
         };
@@ -2829,14 +2872,14 @@ fn recovery_detects_damage_vouched_for_by_the_furthest_block_in_flight() {
         let at = (superblock.journal_offset + seq * JOURNAL_BLOCK_BYTES as u64) as usize;
         image[at..at + JOURNAL_BLOCK_BYTES].copy_from_slice(&block);
     }
-    let intact = recover_image(&superblock, &image).expect("the intact journal recovers");
+    let intact = recover_image(&superblock, &mut image).expect("the intact journal recovers");
     assert_eq!(
         intact.committed_op,
         damaged_seq + JOURNAL_BLOCKS_IN_FLIGHT_MAX + 1
     );
     let at = (superblock.journal_offset + damaged_seq * JOURNAL_BLOCK_BYTES as u64) as usize;
     image[at + 100] ^= 1;
-    match recover_image(&superblock, &image) {
+    match recover_image(&superblock, &mut image) {
         Err(_) => {}
         Ok(recovered) => panic!(
             "damage to block {damaged_seq}, which block {} vouches for, went unnoticed: recovered \
@@ -3088,7 +3131,7 @@ fn replication_operations_in_small() {
     assert_eq!(done.pop_front().map(|c| request_of(c.origin)), Some(4));
     // After a durable discard, recovery never brings the dropped note back.
     device.power_cut();
-    let recovered = recover_image(&superblock, &device.durable).expect("recovers");
+    let recovered = recover_image(&superblock, &mut device.durable).expect("recovers");
     assert_eq!(recovered.committed_op, 3);
     let mut mappings = Vec::new();
     recovered.map.lookup(8192, 4096, &mut mappings);
@@ -3175,7 +3218,7 @@ fn catch_up_apply_in_small() {
     settle(&mut copy, &mut device, &mut done);
     assert_eq!(copy.committed_op(), 13);
     device.power_cut();
-    let recovered = recover_image(&superblock, &device.durable).expect("recovers");
+    let recovered = recover_image(&superblock, &mut device.durable).expect("recovers");
     assert_eq!(recovered.committed_op, 13);
     let ops: Vec<(u64, u64)> = recovered
         .map
@@ -3311,7 +3354,7 @@ fn reset_in_small_survives_power_cuts() {
             // Power lost before the new superblock is durable: the old copy, whole.
             before_reset += 1;
             device.power_cut();
-            let recovered = recover_image(&old, &device.durable)
+            let recovered = recover_image(&old, &mut device.durable)
                 .unwrap_or_else(|error| panic!("seed {seed}: {error}"));
             assert_eq!(recovered.committed_op, 13, "seed {seed}");
             continue;
@@ -3377,7 +3420,7 @@ fn reset_in_small_survives_power_cuts() {
             }
         }
         device.power_cut();
-        let recovered = recover_image(&new, &device.durable)
+        let recovered = recover_image(&new, &mut device.durable)
             .unwrap_or_else(|error| panic!("seed {seed}: {error}"));
         let op = recovered.committed_op;
         assert!(
