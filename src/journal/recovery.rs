@@ -85,6 +85,10 @@ impl Recovered {
             read_at(copy.from, &mut buffer)?;
             write_at(copy.to, &buffer)?;
         }
+        // Never a slot of the log itself (a log filling the whole ring leaves the copy no room anyway).
+        if self.next_seq - self.live_from_seq >= superblock.journal_blocks() {
+            return Ok(());
+        }
         let slot = self.next_seq % superblock.journal_blocks();
         write_at(
             superblock.journal_offset + slot * JOURNAL_BLOCK_BYTES as u64,
