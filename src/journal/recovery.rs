@@ -26,6 +26,9 @@ use crate::journal::superblock::Superblock;
 /// stalls the writes behind it: fewer, larger syncs are cheaper. The writer keeps only the blocks'
 /// positions once they are written, not their bytes.
 pub const JOURNAL_BLOCKS_IN_FLIGHT_MAX: u64 = 16384;
+/// Largest seq a block may carry (far beyond any writer's): seq arithmetic over a ring's worth of
+/// blocks past it cannot overflow.
+const SEQ_MAX: u64 = u64::MAX / 4;
 /// Bytes read from the device per request while scanning.
 const SCAN_CHUNK_BYTES: usize = 1 << 20;
 
@@ -151,9 +154,11 @@ pub fn recover(
             };
             if header.seq % ring_blocks != slot
                 || slot + u64::from(header.data_slots) >= ring_blocks
+                || header.seq > SEQ_MAX
             {
-                // A block can only live in its own slot, and its inline data never wraps: anything
-                // else is not ours.
+                // A block can only live in its own slot, and its inline data never wraps; no writer
+                // gets near the end of the seq space (seq arithmetic below cannot overflow):
+                // anything else is not ours.
                 continue;
             }
             max_incarnation = max_incarnation.max(header.incarnation);
@@ -167,23 +172,28 @@ pub fn recover(
 
     // Pass 2: the chain of consecutive blocks from the replay start.
     let slot_of = |seq: u64| (seq % ring_blocks) as usize;
-    // One past the last block of the chain of consecutive blocks from `start_seq`, and the
-    // incarnation of that last block; and whether a block past that end says the end block was durable
-    // (then it is damaged, not torn).
-    let chain_end = |start_seq: u64| {
+    // Whether the block at `end_seq` continues the chain from `start_seq`: in its slot, of the chain's
+    // incarnation or a later one, and with its data slots inside one ring from the start.
+    let continues = |start_seq: u64, end_seq: u64, chain_incarnation: u32| {
+        summaries[slot_of(end_seq)].filter(|summary| {
+            summary.header.seq == end_seq
+                && summary.header.incarnation >= chain_incarnation
+                && end_seq + 1 + u64::from(summary.header.data_slots) - start_seq <= ring_blocks
+        })
+    };
+    // One past the last block of the chain of consecutive blocks from `start_seq`, the incarnation
+    // of that last block, and whether block `target` is one of the chain's blocks (not one of its
+    // inline notes' data slots, which may hold anything).
+    let chain_end = |start_seq: u64, target: u64| {
         let mut end_seq = start_seq;
         let mut chain_incarnation = 0u32;
-        while end_seq - start_seq < ring_blocks {
-            let Some(summary) = summaries[slot_of(end_seq)] else {
-                break;
-            };
-            if summary.header.seq != end_seq || summary.header.incarnation < chain_incarnation {
-                break;
-            }
+        let mut has_target = false;
+        while let Some(summary) = continues(start_seq, end_seq, chain_incarnation) {
+            has_target |= end_seq == target;
             chain_incarnation = summary.header.incarnation;
             end_seq += 1 + u64::from(summary.header.data_slots);
         }
-        (end_seq, chain_incarnation)
+        (end_seq, chain_incarnation, has_target)
     };
     let vouched_past_end = |end_seq: u64, chain_incarnation: u32| {
         (end_seq + 1..=end_seq + JOURNAL_BLOCKS_IN_FLIGHT_MAX.min(ring_blocks)).any(|seq| {
@@ -202,8 +212,8 @@ pub fn recover(
     dones.sort_unstable_by_key(|&(seq, _)| std::cmp::Reverse(seq));
     let mut newest_done = None;
     for &(seq, done) in &dones {
-        let (end_seq, chain_incarnation) = chain_end(done.replay_from_seq);
-        if seq >= done.replay_from_seq && seq < end_seq {
+        let (end_seq, chain_incarnation, has_done) = chain_end(done.replay_from_seq, seq);
+        if has_done {
             newest_done = Some(done);
             break;
         }
@@ -233,13 +243,7 @@ pub fn recover(
     // with it), and are marked in `is_data`.
     let mut chain: Vec<BlockHeader> = Vec::new();
     let mut is_data: Vec<bool> = Vec::new();
-    while end_seq - start_seq < ring_blocks {
-        let Some(summary) = summaries[slot_of(end_seq)] else {
-            break;
-        };
-        if summary.header.seq != end_seq || summary.header.incarnation < chain_incarnation {
-            break;
-        }
+    while let Some(summary) = continues(start_seq, end_seq, chain_incarnation) {
         chain_incarnation = summary.header.incarnation;
         durable_before = durable_before.max(summary.header.durable_before);
         chain.push(summary.header);
@@ -549,11 +553,11 @@ pub fn recover(
                 && op == inline.op
             {
                 let delta = offset - inline.offset;
-                assert_eq!(
-                    address,
-                    inline.home + delta,
-                    "a replayed inline note's extent points into its own data space"
-                );
+                if address != inline.home + delta {
+                    // Not reachable from any journal (an inline note's op is its own), but a
+                    // copy to the wrong place would destroy data: refuse instead.
+                    return Err(RecoveryError::DamagedCommittedNote { op });
+                }
                 home_copies.push(HomeCopy {
                     from: inline.data_address + delta,
                     to: superblock.data_offset + address,
@@ -919,5 +923,28 @@ mod tests {
             recover_ring(&inline_ring(4096, 2, &data[..4096])),
             Err(RecoveryError::Malformed { seq: 0, .. })
         ));
+    }
+
+    /// An inline note's data is the host's: even a valid block of this volume there (a copied store
+    /// image) is never taken for one, here a checkpoint-done claiming ops through 5.
+    #[test]
+    fn a_block_in_a_data_slot_is_data() {
+        let mut forged = vec![0u8; JOURNAL_BLOCK_BYTES];
+        format::put_checkpoint_done(
+            &mut forged,
+            &CheckpointDone {
+                checkpoint_id: 1,
+                op: 5,
+                first_seq: 0,
+                end_seq: 0,
+                extent_count: 0,
+                extents_crc: 0,
+                replay_from_seq: 0,
+            },
+        );
+        format::seal_block(&mut forged, &header(1, BlockKind::CheckpointDone, 1));
+        let recovered = recover_ring(&inline_ring(4096, 1, &forged)).expect("recovers");
+        assert_eq!(recovered.committed_op, 2);
+        assert_eq!(recovered.checkpoint_id, 0);
     }
 }

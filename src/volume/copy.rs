@@ -1448,7 +1448,11 @@ impl VolumeCopy {
             && self.open.is_none()
             && self.open_catch_up_op.is_none();
         let room = self.homes.len() < HOME_BATCHES_MAX
-            || self.homes.back().is_some_and(|batch| !batch.issued);
+            || self.homes.back().is_some_and(|batch| {
+                !batch.issued
+                    && batch.buf.len() < HOME_BATCH_BYTES
+                    && batch.runs.len() < HOME_BATCH_RUNS_MAX
+            });
         if !lone
             || !room
             || request.kind != IoKind::Write
@@ -1502,49 +1506,54 @@ impl VolumeCopy {
         }
     }
 
-    /// Writes the gathering home batch when it is full or something waits for it: a checkpoint,
-    /// space under it (`limbo_waits_for_home`), or parked requests (which may wait for that space).
+    /// Writes home batches, oldest first: every full one, and the gathering one when something waits
+    /// for it (a checkpoint, space under it: `limbo_waits_for_home`, or parked requests, which may
+    /// wait for that space). A full batch may wait here for device slots while a newer one gathers.
     fn issue_homes(&mut self, device: &mut dyn Device) {
-        let Some(batch) = self.homes.back() else {
+        if self.failed.is_some() {
+            return;
+        }
+        let Some(first) = self.homes.iter().position(|batch| !batch.issued) else {
             return;
         };
-        let wanted = batch.buf.len() >= HOME_BATCH_BYTES
-            || batch.runs.len() >= HOME_BATCH_RUNS_MAX
-            || self.limbo_waits_for_home
-            || !self.waiting.is_empty()
-            || self
-                .checkpoint
-                .as_ref()
-                .is_some_and(|job| batch.id <= job.homes_through);
-        // Two slots stay for the blocks of writes started meanwhile.
-        if batch.issued
-            || !wanted
-            || self.failed.is_some()
-            || self.free_tags.len() < batch.runs.len() + 2
-        {
-            return;
-        }
-        let id = batch.id;
-        let writes: Vec<Submission> = batch
-            .runs
-            .iter()
-            .map(|run| Submission::Write {
-                address: self.superblock.data_offset + run.address,
-                data: batch.buf.as_slice()[run.at..].as_ptr(),
-                length: run.length as usize,
-            })
-            .collect();
-        let batch = self.homes.back_mut().expect("checked above");
-        batch.issued = true;
-        batch.writes_pending = writes.len() as u32;
-        self.stats.home_batches += 1;
-        self.limbo_waits_for_home = false;
-        for write in writes {
-            if let Submission::Write { length, .. } = write {
-                self.stats.data_bytes_written += length as u64;
+        for index in first..self.homes.len() {
+            let batch = &self.homes[index];
+            let full =
+                batch.buf.len() >= HOME_BATCH_BYTES || batch.runs.len() >= HOME_BATCH_RUNS_MAX;
+            let wanted = full
+                || index + 1 < self.homes.len()
+                || self.limbo_waits_for_home
+                || !self.waiting.is_empty()
+                || self
+                    .checkpoint
+                    .as_ref()
+                    .is_some_and(|job| batch.id <= job.homes_through);
+            // Two slots stay for the blocks of writes started meanwhile.
+            if !wanted || self.free_tags.len() < batch.runs.len() + 2 {
+                return;
             }
-            self.issue(DeviceOp::HomeData { batch: id }, write, device);
+            let id = batch.id;
+            let writes: Vec<Submission> = batch
+                .runs
+                .iter()
+                .map(|run| Submission::Write {
+                    address: self.superblock.data_offset + run.address,
+                    data: batch.buf.as_slice()[run.at..].as_ptr(),
+                    length: run.length as usize,
+                })
+                .collect();
+            let batch = &mut self.homes[index];
+            batch.issued = true;
+            batch.writes_pending = writes.len() as u32;
+            self.stats.home_batches += 1;
+            for write in writes {
+                if let Submission::Write { length, .. } = write {
+                    self.stats.data_bytes_written += length as u64;
+                }
+                self.issue(DeviceOp::HomeData { batch: id }, write, device);
+            }
         }
+        self.limbo_waits_for_home = false;
     }
 
     /// The notes of catch-up op `op` (the newest notes) are all there: they commit once block
@@ -2408,14 +2417,12 @@ impl VolumeCopy {
             }
             // Space an inline note's home write has yet to reach: reused only once it has, or that
             // write would land on the new data.
-            if !self.homes.is_empty()
-                && self.homes.iter().any(|batch| {
-                    batch.runs.iter().any(|run| {
-                        run.address < piece.end() && piece.address < run.address + run.length
-                    })
+            if let Some(batch) = self.homes.iter().find(|batch| {
+                batch.runs.iter().any(|run| {
+                    run.address < piece.end() && piece.address < run.address + run.length
                 })
-            {
-                self.limbo_waits_for_home = true;
+            }) {
+                self.limbo_waits_for_home |= !batch.issued;
                 break;
             }
             self.limbo.pop_front();

@@ -162,9 +162,14 @@ pub fn open_copy(
         recovery::Recovered::empty()
     } else {
         let mut read_at = |address: u64, buffer: &mut [u8]| read_exact_at(&reader, buffer, address);
-        let recovered = recovery::recover(&superblock, &mut read_at)
-            .map_err(|problem| error(problem.into()))?;
+        recovery::recover(&superblock, &mut read_at).map_err(|problem| error(problem.into()))?
+    };
+    // Checked before anything is written: a store that is refused is left as it was.
+    let allocator = allocator_for(&superblock, &recovered.map)
+        .map_err(|problem| error(Problem::Inconsistent(problem)))?;
+    if !created {
         // Through a buffered descriptor (no alignment rules), durable before any new write.
+        let mut read_at = |address: u64, buffer: &mut [u8]| read_exact_at(&reader, buffer, address);
         let writer = OpenOptions::new()
             .write(true)
             .open(path)
@@ -175,10 +180,7 @@ pub fn open_copy(
             })
             .and_then(|()| writer.sync_data())
             .map_err(io_error)?;
-        recovered
-    };
-    let allocator = allocator_for(&superblock, &recovered.map)
-        .map_err(|problem| error(Problem::Inconsistent(problem)))?;
+    }
     tracing::info!(
         path = %path.display(),
         committed_op = recovered.committed_op,
