@@ -93,6 +93,10 @@ const INLINE_BYTES_MAX: u64 = (INLINE_SLOTS_MAX * JOURNAL_BLOCK_BYTES) as u64;
 /// large write instead of one small write per note.
 const HOME_BATCH_BYTES: usize = 256 << 10;
 const HOME_BATCH_RUNS_MAX: usize = 32;
+/// A full batch nothing waits for is written in writes of at most this size, one at a time: a lone
+/// writer's next note then waits behind one of them at most, not behind the whole batch (on the VM
+/// disk, 256 KiB at once: QD1 p99 577 µs; 32 KiB batches: 201 µs, but a 1.18x mean).
+const HOME_WRITE_BYTES: u64 = 64 << 10;
 /// Home batches a copy holds at most (memory: about 320 KiB each); beyond, writes are not inlined.
 const HOME_BATCHES_MAX: usize = 4;
 
@@ -189,7 +193,11 @@ struct HomeBatch {
     id: u64,
     buf: AlignedBuf,
     runs: Vec<HomeRun>,
+    /// Every byte's write is issued.
     issued: bool,
+    /// Where the next write starts: run index, and bytes of that run already issued.
+    next_run: usize,
+    next_in_run: u64,
     writes_pending: u32,
     /// A write failed: the copy has failed, and the batch stays (reads are served from it).
     failed: bool,
@@ -1486,6 +1494,8 @@ impl VolumeCopy {
                 buf,
                 runs: Vec::new(),
                 issued: false,
+                next_run: 0,
+                next_in_run: 0,
                 writes_pending: 0,
                 failed: false,
             });
@@ -1506,9 +1516,10 @@ impl VolumeCopy {
         }
     }
 
-    /// Writes home batches, oldest first: every full one, and the gathering one when something waits
-    /// for it (a checkpoint, space under it: `limbo_waits_for_home`, or parked requests, which may
-    /// wait for that space). A full batch may wait here for device slots while a newer one gathers.
+    /// Writes home batches, oldest first. A full batch is written in `HOME_WRITE_BYTES` pieces, one
+    /// in flight at a time; everything at once when something waits for it: a checkpoint, space
+    /// under it (`limbo_waits_for_home`), or parked requests (which may wait for that space). The
+    /// gathering batch is written only then.
     fn issue_homes(&mut self, device: &mut dyn Device) {
         if self.failed.is_some() {
             return;
@@ -1520,37 +1531,62 @@ impl VolumeCopy {
             let batch = &self.homes[index];
             let full =
                 batch.buf.len() >= HOME_BATCH_BYTES || batch.runs.len() >= HOME_BATCH_RUNS_MAX;
-            let wanted = full
-                || index + 1 < self.homes.len()
-                || self.limbo_waits_for_home
+            let urgent = self.limbo_waits_for_home
                 || !self.waiting.is_empty()
                 || self
                     .checkpoint
                     .as_ref()
                     .is_some_and(|job| batch.id <= job.homes_through);
+            let gathering = index + 1 == self.homes.len() && !full;
+            if gathering && !urgent {
+                return;
+            }
+            let mut writes: Vec<Submission> = Vec::new();
+            let mut bytes = 0u64;
+            let (mut run_index, mut in_run) = (batch.next_run, batch.next_in_run);
+            // Paced: one piece at a time, once the previous one is done.
+            if !urgent && batch.writes_pending > 0 {
+                return;
+            }
+            while run_index < batch.runs.len() && (urgent || writes.is_empty()) {
+                let run = &batch.runs[run_index];
+                let length = if urgent {
+                    run.length - in_run
+                } else {
+                    (run.length - in_run).min(HOME_WRITE_BYTES)
+                };
+                writes.push(Submission::Write {
+                    address: self.superblock.data_offset + run.address + in_run,
+                    data: batch.buf.as_slice()[run.at + in_run as usize..].as_ptr(),
+                    length: length as usize,
+                });
+                bytes += length;
+                in_run += length;
+                if in_run == run.length {
+                    run_index += 1;
+                    in_run = 0;
+                }
+            }
             // Two slots stay for the blocks of writes started meanwhile.
-            if !wanted || self.free_tags.len() < batch.runs.len() + 2 {
+            if self.free_tags.len() < writes.len() + 2 {
                 return;
             }
             let id = batch.id;
-            let writes: Vec<Submission> = batch
-                .runs
-                .iter()
-                .map(|run| Submission::Write {
-                    address: self.superblock.data_offset + run.address,
-                    data: batch.buf.as_slice()[run.at..].as_ptr(),
-                    length: run.length as usize,
-                })
-                .collect();
             let batch = &mut self.homes[index];
-            batch.issued = true;
-            batch.writes_pending = writes.len() as u32;
-            self.stats.home_batches += 1;
+            batch.next_run = run_index;
+            batch.next_in_run = in_run;
+            batch.issued = run_index == batch.runs.len();
+            batch.writes_pending += writes.len() as u32;
+            let issued = batch.issued;
+            if issued {
+                self.stats.home_batches += 1;
+            }
+            self.stats.data_bytes_written += bytes;
             for write in writes {
-                if let Submission::Write { length, .. } = write {
-                    self.stats.data_bytes_written += length as u64;
-                }
                 self.issue(DeviceOp::HomeData { batch: id }, write, device);
+            }
+            if !issued {
+                return; // the rest of this batch first, in order
             }
         }
         self.limbo_waits_for_home = false;
