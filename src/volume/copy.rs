@@ -210,14 +210,25 @@ struct HomeRun {
     at: usize,
 }
 
+impl HomeRun {
+    fn end(&self) -> u64 {
+        self.address + self.length
+    }
+
+    /// Whether it shares a byte with data-area range `[address, address + length)`.
+    fn overlaps(&self, address: u64, length: u64) -> bool {
+        address < self.end() && self.address < address + length
+    }
+}
+
 /// The bytes of data-area range `[address, address + length)` while a home batch holds them (not
 /// written yet). A committed extent lies inside one note's space, and so inside one run or none.
 fn staged_home(homes: &VecDeque<HomeBatch>, address: u64, length: u64) -> Option<&[u8]> {
     for batch in homes {
         for run in &batch.runs {
-            if address < run.address + run.length && run.address < address + length {
+            if run.overlaps(address, length) {
                 debug_assert!(
-                    run.address <= address && address + length <= run.address + run.length,
+                    run.address <= address && address + length <= run.end(),
                     "an extent straddles a home run"
                 );
                 let start = run.at + (address - run.address) as usize;
@@ -1507,7 +1518,7 @@ impl VolumeCopy {
         batch.buf.as_mut_slice()[at..].copy_from_slice(data);
         let length = data.len() as u64;
         match batch.runs.last_mut() {
-            Some(run) if run.address + run.length == address => run.length += length,
+            Some(run) if run.end() == address => run.length += length,
             _ => batch.runs.push(HomeRun {
                 address,
                 length,
@@ -2454,9 +2465,10 @@ impl VolumeCopy {
             // Space an inline note's home write has yet to reach: reused only once it has, or that
             // write would land on the new data.
             if let Some(batch) = self.homes.iter().find(|batch| {
-                batch.runs.iter().any(|run| {
-                    run.address < piece.end() && piece.address < run.address + run.length
-                })
+                batch
+                    .runs
+                    .iter()
+                    .any(|run| run.overlaps(piece.address, piece.length))
             }) {
                 self.limbo_waits_for_home |= !batch.issued;
                 break;
