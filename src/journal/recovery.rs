@@ -307,6 +307,9 @@ pub fn recover(
             let mut crc = 0u32;
             let mut count = 0u64;
             let mut freed = Vec::new();
+            // The writer emits extents in volume order, never overlapping: anything else is damage
+            // (and the extent map must never see an insert older than what it overlaps).
+            let mut records_end = 0u64;
             for seq in done.first_seq..done.end_seq {
                 if is_data[(seq - start_seq) as usize] {
                     continue;
@@ -346,6 +349,10 @@ pub fn recover(
                     if !valid || record.op > done.op {
                         return Err(damaged("an extent record is out of range"));
                     }
+                    if record.offset < records_end {
+                        return Err(damaged("extent records overlap or are out of order"));
+                    }
+                    records_end = record.offset + record.length;
                     map.insert(
                         Extent {
                             offset: record.offset,
@@ -746,10 +753,20 @@ mod tests {
     }
 
     fn checkpoint_with(extent: ExtentRecord) -> Vec<(u64, Vec<u8>)> {
+        checkpoint_of(&[extent])
+    }
+
+    fn checkpoint_of(records: &[ExtentRecord]) -> Vec<(u64, Vec<u8>)> {
         let mut extents = vec![0u8; JOURNAL_BLOCK_BYTES];
-        format::put_extent(&mut extents, 0, &extent);
-        let crc = crc32c::crc32c(format::extent_bytes(&extents, 1));
-        format::seal_block(&mut extents, &header(0, BlockKind::CheckpointExtents, 1));
+        for (index, record) in records.iter().enumerate() {
+            format::put_extent(&mut extents, index, record);
+        }
+        let crc = crc32c::crc32c(format::extent_bytes(&extents, records.len()));
+        let count = records.len() as u16;
+        format::seal_block(
+            &mut extents,
+            &header(0, BlockKind::CheckpointExtents, count),
+        );
         let mut done = vec![0u8; JOURNAL_BLOCK_BYTES];
         format::put_checkpoint_done(
             &mut done,
@@ -758,7 +775,7 @@ mod tests {
                 op: 5,
                 first_seq: 0,
                 end_seq: 1,
-                extent_count: 1,
+                extent_count: records.len() as u64,
                 extents_crc: crc,
                 replay_from_seq: 0,
             },
@@ -923,6 +940,34 @@ mod tests {
             recover_ring(&inline_ring(4096, 2, &data[..4096])),
             Err(RecoveryError::Malformed { seq: 0, .. })
         ));
+    }
+
+    /// Checkpoint extents that overlap (a forged block with a valid checksum; found by the
+    /// journal_recovery fuzz target, where the extent map panicked on the older insert) or come out
+    /// of volume order are refused.
+    #[test]
+    fn overlapping_checkpoint_extents_are_refused() {
+        let newer = ExtentRecord {
+            offset: 4096,
+            length: 4096,
+            op: 5,
+            location: 0,
+        };
+        let older = ExtentRecord {
+            offset: 0,
+            length: 8192,
+            op: 3,
+            location: 8192,
+        };
+        for records in [[newer, older], [older, newer]] {
+            assert!(matches!(
+                recover_ring(&checkpoint_of(&records)),
+                Err(RecoveryError::Checkpoint {
+                    checkpoint_id: 1,
+                    ..
+                })
+            ));
+        }
     }
 
     /// An inline note's data is the host's: even a valid block of this volume there (a copied store
