@@ -467,6 +467,24 @@ mod tests {
         }
     }
 
+    impl<'a> FileDevice<'a> {
+        fn on(file: &'a File) -> FileDevice<'a> {
+            FileDevice {
+                file,
+                completed: VecDeque::new(),
+            }
+        }
+    }
+
+    /// A path for a new store in a fresh temporary directory named after `test`.
+    fn fresh_store(test: &str) -> (PathBuf, PathBuf) {
+        let dir = std::env::temp_dir().join(format!("ferroblock-{test}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        let path = dir.join("vol.fbv");
+        let _ = std::fs::remove_file(&path);
+        (dir, path)
+    }
+
     fn read(copy: &mut VolumeCopy, device: &mut FileDevice<'_>, offset: u64) -> Vec<u8> {
         let mut done = VecDeque::new();
         copy.submit(request(IoKind::Read, offset, 0xee), device, &mut done);
@@ -503,18 +521,12 @@ mod tests {
     /// the reset are the only thing a later restart finds.
     #[test]
     fn a_reset_store_reopens_empty_with_the_same_identity() {
-        let dir = std::env::temp_dir().join(format!("ferroblock-reset-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).expect("temp dir");
-        let path = dir.join("vol.fbv");
-        let _ = std::fs::remove_file(&path);
+        let (dir, path) = fresh_store("reset");
 
         let mut opened = open(&path);
         let old = opened.copy.superblock().clone();
         {
-            let mut device = FileDevice {
-                file: &opened.file,
-                completed: VecDeque::new(),
-            };
+            let mut device = FileDevice::on(&opened.file);
             for (index, offset) in [0u64, 8192, 1 << 20].into_iter().enumerate() {
                 write(&mut opened.copy, &mut device, offset, 0xa0 + index as u8);
             }
@@ -543,10 +555,7 @@ mod tests {
         assert_eq!((opened.copy.committed_op(), opened.copy.next_op()), (0, 1));
         assert!(opened.copy.changed_since(0).is_empty());
         {
-            let mut device = FileDevice {
-                file: &opened.file,
-                completed: VecDeque::new(),
-            };
+            let mut device = FileDevice::on(&opened.file);
             for offset in [0u64, 8192, 1 << 20] {
                 assert!(
                     read(&mut opened.copy, &mut device, offset)
@@ -563,19 +572,13 @@ mod tests {
         assert_eq!(opened.copy.committed_op(), 0);
         assert!(opened.copy.changed_since(0).is_empty());
         {
-            let mut device = FileDevice {
-                file: &opened.file,
-                completed: VecDeque::new(),
-            };
+            let mut device = FileDevice::on(&opened.file);
             write(&mut opened.copy, &mut device, 8192, 0x77);
         }
         drop(opened);
         let mut opened = open(&path);
         assert_eq!(opened.copy.committed_op(), 1);
-        let mut device = FileDevice {
-            file: &opened.file,
-            completed: VecDeque::new(),
-        };
+        let mut device = FileDevice::on(&opened.file);
         assert!(
             read(&mut opened.copy, &mut device, 8192)
                 .iter()
@@ -601,17 +604,11 @@ mod tests {
     /// them from the journal (`Recovered::prepare_store`).
     #[test]
     fn inline_notes_read_back_and_are_copied_home_by_recovery() {
-        let dir = std::env::temp_dir().join(format!("ferroblock-inline-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).expect("temp dir");
-        let path = dir.join("vol.fbv");
-        let _ = std::fs::remove_file(&path);
+        let (dir, path) = fresh_store("inline");
 
         let mut opened = open(&path);
         {
-            let mut device = FileDevice {
-                file: &opened.file,
-                completed: VecDeque::new(),
-            };
+            let mut device = FileDevice::on(&opened.file);
             // The first write is not inline: no block has shown a lone writer yet.
             for (offset, fill) in [(0u64, 0xa1u8), (8192, 0xa2), (1 << 20, 0xa3), (0, 0xa4)] {
                 write(&mut opened.copy, &mut device, offset, fill);
@@ -633,10 +630,7 @@ mod tests {
         drop(opened);
         let mut opened = open(&path);
         assert_eq!(opened.copy.committed_op(), 4);
-        let mut device = FileDevice {
-            file: &opened.file,
-            completed: VecDeque::new(),
-        };
+        let mut device = FileDevice::on(&opened.file);
         for (offset, fill) in [(0u64, 0xa4u8), (8192, 0xa2), (1 << 20, 0xa3)] {
             assert!(
                 read(&mut opened.copy, &mut device, offset)
