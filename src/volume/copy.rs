@@ -7,7 +7,9 @@
 //! Write path: a write gets data space and the next op number; its data goes to the new space and its
 //! note record into the journal block of this reactor iteration. When the block and the data are durable
 //! (one fdatasync for the whole batch, or RWF_DSYNC writes) the notes are committed strictly in op order:
-//! inserted into the extent map, which makes them readable, and only then acknowledged. Space the commit
+//! inserted into the extent map, which makes them readable, and only then acknowledged. A lone write
+//! is an inline note instead: block and data in one journal write, the data copied to its space
+//! later (see `VolumeCopy::homes`). Space the commit
 //! overwrites is freed once no read that could still be using it is in flight. `Durability::WriteBack`
 //! is the one exception to "durable before readable": there a note commits once written (the
 //! device's volatile cache holds it, so a process crash cannot lose it), and only FLUSH, FUA and the
