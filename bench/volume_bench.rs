@@ -326,7 +326,7 @@ fn main() {
     println!(
         "{{\"rw\":\"{}\",\"bs\":{},\"qd\":{},\"durability\":\"{:?}\",\"ops\":{},\"iops\":{:.0},\"mean_us\":{:.1},\
          \"p50_us\":{:.1},\"p99_us\":{:.1},\"write_amplification\":{:.3},\"syncs_per_write\":{:.3},\
-         \"committed_op\":{},\"checkpoints\":{},\"journal_bytes\":{},\"prefill_seconds\":{:.1},\
+         \"data_ios_per_write\":{:.3},\"committed_op\":{},\"checkpoints\":{},\"journal_bytes\":{},\"prefill_seconds\":{:.1},\
          \"recovery_ms\":{},\"recovery_journal_blocks\":{}}}",
         if options.write {
             "randwrite"
@@ -348,6 +348,11 @@ fn main() {
         },
         if options.write && operations > 0 {
             (after.syncs - before.syncs) as f64 / operations as f64
+        } else {
+            0.0
+        },
+        if operations > 0 {
+            (after.data_writes - before.data_writes) as f64 / operations as f64
         } else {
             0.0
         },

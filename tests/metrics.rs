@@ -96,6 +96,14 @@ fn prometheus_endpoint_counts_what_clients_did() {
     // Three writes: ops 1..=3 committed, the next op is 4.
     assert_eq!(get("ferroblock_committed_op{volume=\"vol0\"}"), 3.0);
     assert_eq!(get("ferroblock_next_op{volume=\"vol0\"}"), 4.0);
+    // One note each; qemu-io writes one at a time, so each note's data went either inline with its
+    // journal block or in one data write of its own.
+    assert_eq!(get("ferroblock_store_notes_total{volume=\"vol0\"}"), 3.0);
+    assert_eq!(
+        get("ferroblock_store_inline_notes_total{volume=\"vol0\"}")
+            + get("ferroblock_store_data_writes_total{volume=\"vol0\"}"),
+        3.0
+    );
     assert_eq!(
         get("ferroblock_request_duration_seconds_count{volume=\"vol0\",kind=\"write\"}"),
         3.0

@@ -26,6 +26,21 @@ pub trait Device {
         dsync: bool,
     ) -> bool;
 
+    /// Queues one write of `count` buffers (`segments`, an iovec array), in order, to consecutive
+    /// addresses from `address` (writev); false when the device cannot take it now.
+    ///
+    /// # Safety
+    /// Every segment, and the array itself, must stay valid and unchanged until the completion for
+    /// `tag` is delivered.
+    unsafe fn write_vectored(
+        &mut self,
+        tag: u32,
+        address: u64,
+        segments: *const libc::iovec,
+        count: usize,
+        dsync: bool,
+    ) -> bool;
+
     /// Queues a read; false when the device cannot take it now.
     ///
     /// # Safety
@@ -65,6 +80,24 @@ impl Device for UringDevice<'_> {
             .build()
             .user_data(self.user_data(tag));
         // SAFETY: the caller keeps the buffer valid until the completion, as this function requires.
+        unsafe { self.uring.push(&entry) }
+    }
+
+    unsafe fn write_vectored(
+        &mut self,
+        tag: u32,
+        address: u64,
+        segments: *const libc::iovec,
+        count: usize,
+        dsync: bool,
+    ) -> bool {
+        let entry = opcode::Writev::new(types::Fd(self.fd), segments, count as u32)
+            .offset(address)
+            .rw_flags(if dsync { libc::RWF_DSYNC } else { 0 })
+            .build()
+            .user_data(self.user_data(tag));
+        // SAFETY: the caller keeps the array and its buffers valid until the completion, as this
+        // function requires.
         unsafe { self.uring.push(&entry) }
     }
 

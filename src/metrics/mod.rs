@@ -101,6 +101,9 @@ pub struct VolumeMetrics {
     syncs: AtomicU64,
     journal_bytes: AtomicU64,
     data_bytes: AtomicU64,
+    notes: AtomicU64,
+    inline_notes: AtomicU64,
+    data_writes: AtomicU64,
 }
 
 impl VolumeMetrics {
@@ -119,6 +122,9 @@ impl VolumeMetrics {
             syncs: AtomicU64::new(0),
             journal_bytes: AtomicU64::new(0),
             data_bytes: AtomicU64::new(0),
+            notes: AtomicU64::new(0),
+            inline_notes: AtomicU64::new(0),
+            data_writes: AtomicU64::new(0),
         }
     }
 
@@ -158,6 +164,10 @@ impl VolumeMetrics {
             .store(stats.journal_bytes_written, Ordering::Relaxed);
         self.data_bytes
             .store(stats.data_bytes_written, Ordering::Relaxed);
+        self.notes.store(stats.notes_created, Ordering::Relaxed);
+        self.inline_notes
+            .store(stats.inline_notes, Ordering::Relaxed);
+        self.data_writes.store(stats.data_writes, Ordering::Relaxed);
     }
 }
 
@@ -290,7 +300,7 @@ impl Metrics {
             ),
         ];
         render_per_volume(&mut out, "gauge", &gauges, &self.volumes);
-        let store_counters: [Family<VolumeMetrics, u64>; 3] = [
+        let store_counters: [Family<VolumeMetrics, u64>; 6] = [
             (
                 "ferroblock_store_syncs_total",
                 "Device syncs (fdatasync) a persistent volume issued.",
@@ -305,6 +315,21 @@ impl Metrics {
                 "ferroblock_store_data_bytes_total",
                 "Note data bytes a persistent volume wrote.",
                 |v| v.data_bytes.load(Ordering::Relaxed),
+            ),
+            (
+                "ferroblock_store_notes_total",
+                "Notes a persistent volume created (one per write, trim or write-zeroes).",
+                |v| v.notes.load(Ordering::Relaxed),
+            ),
+            (
+                "ferroblock_store_inline_notes_total",
+                "Notes written inline: data with the journal block in one write.",
+                |v| v.inline_notes.load(Ordering::Relaxed),
+            ),
+            (
+                "ferroblock_store_data_writes_total",
+                "Device writes of note data (a vectored write of several notes' data counts once).",
+                |v| v.data_writes.load(Ordering::Relaxed),
             ),
         ];
         render_per_volume(&mut out, "counter", &store_counters, &self.volumes);

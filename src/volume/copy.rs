@@ -137,6 +137,13 @@ enum Submission {
         data: *const u8,
         length: usize,
     },
+    /// The lead write of a `DataRun`: every write of the run in one vectored write of `length` bytes.
+    WriteRun {
+        address: u64,
+        segments: *const libc::iovec,
+        count: usize,
+        length: usize,
+    },
     Read {
         address: u64,
         data: *mut u8,
@@ -144,6 +151,23 @@ enum Submission {
     },
     Sync,
 }
+
+/// Note data writes to consecutive device addresses, submitted as one vectored write: at queue depth
+/// the allocator places the notes of one iteration back to back (next-fit), so a batch of small writes
+/// costs the kernel one IO instead of one each. The first write's tag (the lead) carries the run: its
+/// completion completes the riders too, each with the run's outcome (a short or failed vectored write
+/// fails every note in it).
+#[derive(Debug, Default)]
+struct DataRun {
+    riders: Vec<u32>,
+    /// What the kernel reads until the lead completes: kept here, its heap memory unmoved.
+    segments: Vec<libc::iovec>,
+}
+
+/// Writes and bytes one vectored data write gathers at most: few enough that a large run does not hold
+/// back the acknowledgement of its first note for long.
+const DATA_RUN_WRITES_MAX: usize = 64;
+const DATA_RUN_BYTES_MAX: usize = 1 << 20;
 
 struct Note {
     /// Position in the queue of entries: consecutive, so that a device completion finds its entry by
@@ -353,6 +377,10 @@ pub struct CopyStats {
     pub inline_notes: u64,
     /// Home batches written (each one write per run of consecutive addresses).
     pub home_batches: u64,
+    /// Note data writes pushed to the device (a vectored one counts once), and of those the vectored
+    /// ones (`DataRun`: one IO for several writes).
+    pub data_writes: u64,
+    pub data_runs: u64,
 }
 
 pub struct VolumeCopy {
@@ -392,6 +420,14 @@ pub struct VolumeCopy {
     ops: Vec<Option<(DeviceOp, Submission)>>,
     free_tags: Vec<u32>,
     unsubmitted: VecDeque<u32>,
+    /// Note data writes of this iteration not pushed yet, at consecutive device addresses up to
+    /// `data_run_end` (`issue_data`, `push_data_run`).
+    data_run: Vec<u32>,
+    data_run_end: u64,
+    data_run_bytes: usize,
+    /// The run carried by each lead tag in flight, by tag.
+    runs: Vec<Option<DataRun>>,
+    run_pool: Vec<DataRun>,
     waiting: VecDeque<IoRequest>,
     reads: Vec<Option<ReadJob>>,
     free_reads: Vec<u32>,
@@ -497,6 +533,11 @@ impl VolumeCopy {
             ops: (0..DEVICE_OPS_MAX).map(|_| None).collect(),
             free_tags: (0..DEVICE_OPS_MAX as u32).rev().collect(),
             unsubmitted: VecDeque::with_capacity(DEVICE_OPS_MAX),
+            data_run: Vec::with_capacity(DATA_RUN_WRITES_MAX),
+            data_run_end: 0,
+            data_run_bytes: 0,
+            runs: (0..DEVICE_OPS_MAX).map(|_| None).collect(),
+            run_pool: Vec::new(),
             waiting: VecDeque::new(),
             reads: Vec::new(),
             free_reads: Vec::new(),
@@ -1414,15 +1455,7 @@ impl VolumeCopy {
                         request.buf.as_slice()[position..].as_ptr()
                     };
                     let address = self.superblock.data_offset + piece.address + written as u64;
-                    self.issue(
-                        DeviceOp::NoteData { entry },
-                        Submission::Write {
-                            address,
-                            data,
-                            length: chunk,
-                        },
-                        device,
-                    );
+                    self.issue_data(entry, address, data, chunk, device);
                     note.data_pending += 1;
                     written += chunk;
                 }
@@ -1947,9 +1980,98 @@ impl VolumeCopy {
             .pop()
             .expect("callers check for a free device slot");
         self.ops[tag as usize] = Some((op, submission));
+        self.push_in_order(tag, device);
+    }
+
+    /// Pushes `tag` to the device, or queues it behind those that could not be pushed yet.
+    fn push_in_order(&mut self, tag: u32, device: &mut dyn Device) {
         if !self.unsubmitted.is_empty() || !self.push(tag, device) {
             self.unsubmitted.push_back(tag);
         }
+    }
+
+    /// Issues a data write of note `entry`: it joins this iteration's run when it continues it, else
+    /// the run so far is pushed and a new one starts. Runs are pushed by `end_iteration` at the latest,
+    /// which comes before the reactor submits: joining costs no latency.
+    fn issue_data(
+        &mut self,
+        entry: u64,
+        address: u64,
+        data: *const u8,
+        length: usize,
+        device: &mut dyn Device,
+    ) {
+        if !self.data_run.is_empty()
+            && (address != self.data_run_end
+                || self.data_run.len() == DATA_RUN_WRITES_MAX
+                || self.data_run_bytes + length > DATA_RUN_BYTES_MAX)
+        {
+            self.push_data_run(device);
+        }
+        let tag = self
+            .free_tags
+            .pop()
+            .expect("callers check for a free device slot");
+        self.ops[tag as usize] = Some((
+            DeviceOp::NoteData { entry },
+            Submission::Write {
+                address,
+                data,
+                length,
+            },
+        ));
+        self.data_run.push(tag);
+        self.data_run_end = address + length as u64;
+        self.data_run_bytes += length;
+    }
+
+    /// Pushes the data writes gathered by `issue_data`: a lone write as it is, several as one
+    /// vectored write carried by the first one's tag.
+    fn push_data_run(&mut self, device: &mut dyn Device) {
+        let Some(&lead) = self.data_run.first() else {
+            return;
+        };
+        if self.data_run.len() > 1 {
+            let mut run = self.run_pool.pop().unwrap_or_default();
+            debug_assert!(run.riders.is_empty() && run.segments.is_empty());
+            let mut start = None;
+            let mut next = 0;
+            for &tag in &self.data_run {
+                let Some((
+                    _,
+                    Submission::Write {
+                        address,
+                        data,
+                        length,
+                    },
+                )) = self.ops[tag as usize]
+                else {
+                    unreachable!("a data run holds plain writes");
+                };
+                debug_assert!(start.is_none() || address == next, "a run is consecutive");
+                start.get_or_insert(address);
+                next = address + length as u64;
+                run.segments.push(libc::iovec {
+                    iov_base: data.cast_mut().cast(),
+                    iov_len: length,
+                });
+            }
+            run.riders.extend_from_slice(&self.data_run[1..]);
+            let slot = self.ops[lead as usize].as_mut().expect("issued op");
+            slot.1 = Submission::WriteRun {
+                address: start.expect("a run has a first write"),
+                segments: run.segments.as_ptr(),
+                count: run.segments.len(),
+                length: self.data_run_bytes,
+            };
+            debug_assert!(self.runs[lead as usize].is_none());
+            self.runs[lead as usize] = Some(run);
+            self.stats.data_runs += 1;
+        }
+        self.stats.data_writes += 1;
+        self.data_run.clear();
+        self.data_run_bytes = 0;
+        self.push_in_order(lead, device);
     }
 
     fn push(&mut self, tag: u32, device: &mut dyn Device) -> bool {
@@ -1965,6 +2087,16 @@ impl VolumeCopy {
                 // blocks, all owned by `self` (in `notes`, `zeros`, `sealed`) until this tag completes;
                 // their heap memory does not move.
                 unsafe { device.write(tag, address, data, length, dsync) }
+            }
+            Submission::WriteRun {
+                address,
+                segments,
+                count,
+                length: _,
+            } => {
+                // SAFETY: the segments are note data as above; the iovec array is in
+                // `self.runs[tag]`, which is not touched until this tag completes.
+                unsafe { device.write_vectored(tag, address, segments, count, dsync) }
             }
             Submission::Read {
                 address,
@@ -1989,6 +2121,7 @@ impl VolumeCopy {
             }
             self.unsubmitted.pop_front();
         }
+        self.push_data_run(device);
         // Writes reserve a device slot for sealing their block when they start, but reads started since
         // may have taken every slot: then the block stays open until one is free.
         if !self.free_tags.is_empty() {
@@ -2047,7 +2180,9 @@ impl VolumeCopy {
         };
         self.free_tags.push(tag);
         let expected = match submission {
-            Submission::Write { length, .. } | Submission::Read { length, .. } => length as i32,
+            Submission::Write { length, .. }
+            | Submission::WriteRun { length, .. }
+            | Submission::Read { length, .. } => length as i32,
             Submission::Sync => 0,
         };
         let error = (result != expected).then(|| {
@@ -2057,6 +2192,33 @@ impl VolumeCopy {
                 VolumeError::Io(libc::EIO)
             }
         });
+        if let Submission::WriteRun { .. } = submission {
+            let mut run = self.runs[tag as usize]
+                .take()
+                .expect("a vectored write carries a run");
+            for &rider in &run.riders {
+                let (rider_op, _) = self.ops[rider as usize]
+                    .take()
+                    .expect("a run's rider is issued");
+                self.free_tags.push(rider);
+                self.complete_op(rider_op, error, device, done);
+            }
+            run.riders.clear();
+            run.segments.clear();
+            self.run_pool.push(run);
+        }
+        self.complete_op(op, error, device, done);
+        self.advance(device, done);
+    }
+
+    /// The bookkeeping of one finished device operation: `error` is its failure, if any.
+    fn complete_op(
+        &mut self,
+        op: DeviceOp,
+        error: Option<VolumeError>,
+        device: &mut dyn Device,
+        done: &mut VecDeque<IoCompletion>,
+    ) {
         match op {
             DeviceOp::NoteData { entry } => {
                 let front = self.notes.front().map_or(u64::MAX, |note| note.entry);
@@ -2158,7 +2320,6 @@ impl VolumeCopy {
                 self.continue_read(read, device, done);
             }
         }
-        self.advance(device, done);
     }
 
     /// A write or sync failed: nothing more can be made durable safely. Reads of committed data go on;

@@ -200,8 +200,8 @@ struct Faults {
 enum DeviceIo {
     Write {
         address: u64,
-        /// The caller's buffer: checked unchanged at completion.
-        source: *const u8,
+        /// The caller's buffers (address, length), in order: checked unchanged at completion.
+        sources: Vec<(*const u8, usize)>,
         /// The bytes as submitted.
         data: Vec<u8>,
         dsync: bool,
@@ -325,15 +325,21 @@ impl SimDevice {
         let result = match io {
             DeviceIo::Write {
                 address,
-                source,
+                sources,
                 data,
                 dsync,
                 fails,
             } => {
-                // SAFETY: `Device::write` requires the caller to keep `[source, source + len)` valid and
-                // unchanged until this completion is delivered, which is happening now.
-                let now = unsafe { std::slice::from_raw_parts(source, data.len()) };
-                if now != data.as_slice() {
+                let mut at = 0;
+                let mut changed = false;
+                for (source, length) in sources {
+                    // SAFETY: `Device::write` requires the caller to keep every source valid and
+                    // unchanged until this completion is delivered, which is happening now.
+                    let now = unsafe { std::slice::from_raw_parts(source, length) };
+                    changed |= now != &data[at..at + length];
+                    at += length;
+                }
+                if changed {
                     self.violate(format!(
                         "the source of the {} byte write at {address} changed while it was in flight",
                         data.len()
@@ -483,15 +489,16 @@ impl SimDevice {
     }
 }
 
-impl Device for SimDevice {
-    unsafe fn write(
+impl SimDevice {
+    /// A write (plain or vectored) of the bytes at `sources`, in order, from `address`.
+    fn write_gathered(
         &mut self,
         tag: u32,
         address: u64,
-        data: *const u8,
-        length: usize,
+        sources: Vec<(*const u8, usize)>,
         dsync: bool,
     ) -> bool {
+        let length: usize = sources.iter().map(|&(_, length)| length).sum();
         if self.in_flight.len() >= self.queue_depth_max {
             self.counters.refused += 1;
             return false;
@@ -502,6 +509,9 @@ impl Device for SimDevice {
         if address < self.writable_from
             || !address.is_multiple_of(SECTOR)
             || !length.is_multiple_of(SECTOR_BYTES)
+            || sources
+                .iter()
+                .any(|&(_, length)| length == 0 || !length.is_multiple_of(SECTOR_BYTES))
         {
             self.violate(format!(
                 "write of {length} bytes at {address}: misaligned or over the superblock"
@@ -526,8 +536,12 @@ impl Device for SimDevice {
         if let Some(what) = overlap {
             self.violate(what);
         }
-        // SAFETY: `Device::write` requires `[data, data + length)` to be valid until completion.
-        let bytes = unsafe { std::slice::from_raw_parts(data, length) }.to_vec();
+        let mut bytes = Vec::with_capacity(length);
+        for &(data, length) in &sources {
+            // SAFETY: `Device::write` and `write_vectored` require every source to be valid until
+            // completion.
+            bytes.extend_from_slice(unsafe { std::slice::from_raw_parts(data, length) });
+        }
         let fails = self.write_fails();
         self.ops_submitted += 1;
         self.counters.writes += 1;
@@ -535,13 +549,43 @@ impl Device for SimDevice {
             tag,
             io: DeviceIo::Write {
                 address,
-                source: data,
+                sources,
                 data: bytes,
                 dsync,
                 fails,
             },
         });
         true
+    }
+}
+
+impl Device for SimDevice {
+    unsafe fn write(
+        &mut self,
+        tag: u32,
+        address: u64,
+        data: *const u8,
+        length: usize,
+        dsync: bool,
+    ) -> bool {
+        self.write_gathered(tag, address, vec![(data, length)], dsync)
+    }
+
+    unsafe fn write_vectored(
+        &mut self,
+        tag: u32,
+        address: u64,
+        segments: *const libc::iovec,
+        count: usize,
+        dsync: bool,
+    ) -> bool {
+        // SAFETY: the caller keeps the array valid until completion.
+        let segments = unsafe { std::slice::from_raw_parts(segments, count) };
+        let sources = segments
+            .iter()
+            .map(|segment| (segment.iov_base.cast_const().cast::<u8>(), segment.iov_len))
+            .collect();
+        self.write_gathered(tag, address, sources, dsync)
     }
 
     unsafe fn read(&mut self, tag: u32, address: u64, data: *mut u8, length: usize) -> bool {
@@ -909,6 +953,8 @@ struct SimStats {
     inline_notes: u64,
     inline_notes_copied: u64,
     home_batches: u64,
+    /// Vectored note data writes (several notes' data in one write).
+    data_runs: u64,
 }
 
 impl SimStats {
@@ -949,6 +995,7 @@ impl SimStats {
         self.inline_notes += other.inline_notes;
         self.inline_notes_copied += other.inline_notes_copied;
         self.home_batches += other.home_batches;
+        self.data_runs += other.data_runs;
     }
 }
 
@@ -2351,6 +2398,7 @@ impl Simulation {
         self.stats.checkpoints += self.copy.stats().checkpoints;
         self.stats.inline_notes += self.copy.stats().inline_notes;
         self.stats.home_batches += self.copy.stats().home_batches;
+        self.stats.data_runs += self.copy.stats().data_runs;
         self.stats.sectors_landed_unsynced += self.device.power_cut();
         self.done.clear();
         let mut image = std::mem::take(&mut self.device.durable);
@@ -2597,6 +2645,7 @@ fn run_seed(seed: u64, write_back: bool) -> SimStats {
     simulation.run();
     simulation.stats.inline_notes += simulation.copy.stats().inline_notes;
     simulation.stats.home_batches += simulation.copy.stats().home_batches;
+    simulation.stats.data_runs += simulation.copy.stats().data_runs;
     simulation.stats
 }
 
