@@ -309,6 +309,45 @@ fn combine(node: &mut Internal, left: usize) {
 }
 
 /// Inserts an entry below `node`; returns the new right sibling when `node` had to split.
+/// Replaces the entry at `offset`, which has `span.length`, with `span` and `op`, reporting its data as
+/// freed. The tree's shape does not change: only the path to the leaf is copied (if a snapshot shares
+/// it) and the max ops along it raised.
+pub(super) fn replace_in(
+    node: &mut Child,
+    offset: u64,
+    span: Span,
+    op: u64,
+    freed: &mut Vec<Piece>,
+) {
+    match node {
+        Child::Leaf(leaf) => {
+            let leaf = Arc::make_mut(leaf);
+            let at = keys_below(&leaf.offsets, offset + 1) - 1;
+            assert!(
+                leaf.offsets[at] == offset && leaf.spans[at].length == span.length,
+                "replace of {offset}+{} found another extent",
+                span.length
+            );
+            debug_assert!(leaf.ops[at] <= op, "insert older than what it overlaps");
+            let old = leaf.spans[at].location;
+            if old != LOCATION_ZERO {
+                freed.push(Piece {
+                    address: old,
+                    length: span.length,
+                });
+            }
+            leaf.spans[at] = span;
+            leaf.ops[at] = op;
+        }
+        Child::Internal(internal) => {
+            let internal = Arc::make_mut(internal);
+            let index = keys_below(&internal.keys, offset + 1) - 1;
+            replace_in(internal.child_mut(index), offset, span, op, freed);
+            internal.max_ops[index] = internal.max_ops[index].max(op);
+        }
+    }
+}
+
 fn insert_in(node: &mut Child, offset: u64, span: Span, op: u64) -> Option<Child> {
     match node {
         Child::Leaf(leaf) => {

@@ -120,6 +120,15 @@ fn advance(stored: u64, skip: u64) -> u64 {
     }
 }
 
+/// How a range meets the extents already in the map.
+enum Overlap {
+    None,
+    /// One extent covers exactly the range.
+    Exact,
+    /// Anything else: part of one or more extents.
+    Other,
+}
+
 fn leaf_extent(leaf: &Leaf, index: usize) -> Extent {
     debug_assert!(index < leaf.count);
     let span = leaf.spans[index];
@@ -164,20 +173,22 @@ impl ExtentMap {
             );
         }
         let end = extent.offset + extent.length;
-
-        let remainder = if self.overlaps(extent.offset, end) {
-            self.remove_range(extent.offset, end, extent.op, freed)
-        } else {
-            None
+        let span = Span {
+            length: extent.length,
+            location: encode_location(extent.location),
         };
-        self.insert_entry(
-            extent.offset,
-            Span {
-                length: extent.length,
-                location: encode_location(extent.location),
-            },
-            extent.op,
-        );
+        let remainder = match self.overlap(extent.offset, end) {
+            Overlap::None => None,
+            // An overwrite of exactly one extent (random writes of one size, once the map is split
+            // to that size): its entry is replaced in place, one descent instead of a removal and an
+            // insert (measured: the map was 13 % of the reactor's time at QD32).
+            Overlap::Exact => {
+                edit::replace_in(&mut self.root, extent.offset, span, extent.op, freed);
+                return;
+            }
+            Overlap::Other => self.remove_range(extent.offset, end, extent.op, freed),
+        };
+        self.insert_entry(extent.offset, span, extent.op);
         if let Some(remainder) = remainder {
             self.insert_entry(remainder.offset, remainder.span, remainder.op);
         }
@@ -231,22 +242,30 @@ impl ExtentMap {
 
     /// Whether any extent overlaps `[start, end)`. Read-only, so that an insert into fresh space does not
     /// copy (or even write) the nodes on its path twice.
-    fn overlaps(&self, start: u64, end: u64) -> bool {
-        // The extent with the largest offset below `end` is the only candidate: every earlier one ends
-        // at or before its offset.
+    /// How `[start, end)` meets the extents in the map.
+    fn overlap(&self, start: u64, end: u64) -> Overlap {
+        // The extent with the largest offset below `end` is the only candidate to reach into the range:
+        // every earlier one ends at or before its offset. It is exactly the range when it starts at
+        // `start` and ends at `end`; then no other extent meets the range.
         let mut node = &self.root;
         loop {
             match node {
                 Child::Internal(internal) => {
                     let below = node::keys_below(&internal.keys, end);
                     if below == 0 {
-                        return false;
+                        return Overlap::None;
                     }
                     node = internal.child(below - 1);
                 }
                 Child::Leaf(leaf) => {
                     let below = node::keys_below(&leaf.offsets, end);
-                    return below > 0 && leaf.end(below - 1) > start;
+                    return if below == 0 || leaf.end(below - 1) <= start {
+                        Overlap::None
+                    } else if leaf.offsets[below - 1] == start && leaf.end(below - 1) == end {
+                        Overlap::Exact
+                    } else {
+                        Overlap::Other
+                    };
                 }
             }
         }

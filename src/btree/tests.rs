@@ -160,6 +160,51 @@ fn snapshots_are_isolated_both_ways() {
     snapshot.check_invariants();
 }
 
+/// Overwrites of exactly one extent replace it in place: the old data is freed, a snapshot taken before
+/// keeps the old entries, the shape (extent count) is unchanged and `changed_since` finds the new ops.
+#[test]
+fn exact_overwrites_replace_in_place_under_a_snapshot() {
+    let mut map = ExtentMap::new();
+    let mut freed = Vec::new();
+    for index in 0..2000 {
+        map.insert(data(index * 8, 8, index + 1, index * 8), &mut freed);
+    }
+    assert!(freed.is_empty());
+    let before: Vec<Extent> = map.iter().collect();
+    let snapshot = map.snapshot();
+    for (op, index) in (2001..).zip([0u64, 1999, 777, 778, 1000]) {
+        map.insert(data(index * 8, 8, op, 100_000 + index * 8), &mut freed);
+    }
+    // A zero extent over a data one, and data over that zero extent.
+    map.insert(zero(5 * 8, 8, 2006), &mut freed);
+    map.insert(data(5 * 8, 8, 2007, 200_000), &mut freed);
+    let mut expected_freed: Vec<Piece> = [0u64, 1999, 777, 778, 1000, 5]
+        .iter()
+        .map(|&index| piece(index * 8, 8))
+        .collect();
+    expected_freed.sort_by_key(|piece| piece.address);
+    freed.sort_by_key(|piece| piece.address);
+    assert_eq!(freed, expected_freed);
+    assert_eq!(map.extent_count(), 2000);
+    assert_eq!(snapshot.iter().collect::<Vec<_>>(), before);
+    assert_eq!(
+        lookup(&map, 777 * 8, 8),
+        [Mapping::Mapped(data(777 * 8, 8, 2003, 100_000 + 777 * 8))]
+    );
+    assert_eq!(
+        lookup(&map, 5 * 8, 8),
+        [Mapping::Mapped(data(5 * 8, 8, 2007, 200_000))]
+    );
+    let mut changed = Vec::new();
+    map.changed_since(2000, &mut changed);
+    let mut ops: Vec<u64> = changed.iter().map(|extent| extent.op).collect();
+    ops.sort_unstable();
+    assert_eq!(ops, [2001, 2002, 2003, 2004, 2005, 2007]);
+    assert_eq!(map.max_op(), 2007);
+    map.check_invariants();
+    snapshot.check_invariants();
+}
+
 #[test]
 #[should_panic(expected = "sector-aligned")]
 fn misaligned_extent_is_refused() {
