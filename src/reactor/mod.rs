@@ -496,8 +496,15 @@ impl Reactor {
             PollMode::Interrupt => true,
             PollMode::Adaptive => last_work.elapsed() >= self.spin,
         };
-        let pending_here =
-            !self.router.done.is_empty() || self.router.has_outbound() || !self.dirty.is_empty();
+        let pending_here = !self.router.done.is_empty()
+            || self.router.has_outbound()
+            || !self.dirty.is_empty()
+            || self
+                .router
+                .volumes
+                .iter()
+                .flatten()
+                .any(|volume| volume.has_unissued_work());
         if !may_sleep || pending_here || !self.router.mailboxes[self.id].prepare_sleep() {
             return Some(Duration::ZERO);
         }

@@ -2121,7 +2121,6 @@ impl VolumeCopy {
             }
             self.unsubmitted.pop_front();
         }
-        self.push_data_run(device);
         // Writes reserve a device slot for sealing their block when they start, but reads started since
         // may have taken every slot: then the block stays open until one is free.
         if !self.free_tags.is_empty() {
@@ -2132,6 +2131,26 @@ impl VolumeCopy {
         self.retry_waiting(device, done);
         self.issue_homes(device);
         self.write_vouching_block(device);
+        // Notes started above (`retry_waiting`) are sealed and their data pushed now: the reactor may
+        // sleep after this, and nothing of theirs is in flight to wake it (`has_unissued_work`).
+        if self.has_open_notes() && !self.free_tags.is_empty() {
+            self.seal(device);
+        }
+        self.push_data_run(device);
+    }
+
+    fn has_open_notes(&self) -> bool {
+        self.open
+            .as_ref()
+            .is_some_and(|open| open.kind == BlockKind::Notes && open.count > 0)
+    }
+
+    /// Whether this copy holds IO it has not handed to the device yet: data writes gathered into a run,
+    /// or notes in a block not sealed. Requests started after `end_iteration` (a reactor's
+    /// connections, given completions, may submit more) leave such work; a reactor must run another
+    /// iteration before it sleeps, or nothing would ever complete them.
+    pub fn has_unissued_work(&self) -> bool {
+        !self.data_run.is_empty() || self.has_open_notes()
     }
 
     /// Requests wait (perhaps for space) while data space waits for a header to vouch for a block

@@ -301,6 +301,15 @@ impl Volume {
         }
     }
 
+    /// Whether the store holds IO it has not handed to the device yet (see
+    /// `VolumeCopy::has_unissued_work`): the reactor runs another iteration before sleeping.
+    pub fn has_unissued_work(&self) -> bool {
+        match &self.store {
+            Store::Persistent { copy, .. } => copy.has_unissued_work(),
+            _ => false,
+        }
+    }
+
     /// A persistent copy's op numbers and counters.
     pub fn copy_stats(&self) -> Option<copy::CopyStats> {
         match &self.store {
