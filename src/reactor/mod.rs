@@ -489,14 +489,10 @@ impl Reactor {
         &self.router.mailboxes[self.id]
     }
 
-    /// Zero while there is (or recently was) work to poll for; otherwise sleep until an event or timer.
-    fn poll_timeout(&mut self, last_work: Instant) -> Option<Duration> {
-        let may_sleep = match self.poll_mode {
-            PollMode::Busy => false,
-            PollMode::Interrupt => true,
-            PollMode::Adaptive => last_work.elapsed() >= self.spin,
-        };
-        let pending_here = !self.router.done.is_empty()
+    /// Work this reactor can do without waiting for an event: completions to deliver, output to
+    /// write, connections to pump, or IO a volume has not handed to the device yet.
+    fn has_pending_work(&self) -> bool {
+        !self.router.done.is_empty()
             || self.router.has_outbound()
             || !self.dirty.is_empty()
             || self
@@ -504,8 +500,18 @@ impl Reactor {
                 .volumes
                 .iter()
                 .flatten()
-                .any(|volume| volume.has_unissued_work());
-        if !may_sleep || pending_here || !self.router.mailboxes[self.id].prepare_sleep() {
+                .any(|volume| volume.has_unissued_work())
+    }
+
+    /// Zero while there is (or recently was) work to poll for; otherwise sleep until an event or timer.
+    fn poll_timeout(&mut self, last_work: Instant) -> Option<Duration> {
+        let may_sleep = match self.poll_mode {
+            PollMode::Busy => false,
+            PollMode::Interrupt => true,
+            PollMode::Adaptive => last_work.elapsed() >= self.spin,
+        };
+        if !may_sleep || self.has_pending_work() || !self.router.mailboxes[self.id].prepare_sleep()
+        {
             return Some(Duration::ZERO);
         }
         if self.router.uring.in_flight() > 0 && self.router.uring.has_completions() {
