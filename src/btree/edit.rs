@@ -308,7 +308,6 @@ fn combine(node: &mut Internal, left: usize) {
     }
 }
 
-/// Inserts an entry below `node`; returns the new right sibling when `node` had to split.
 /// Replaces the entry at `offset`, which has `span.length`, with `span` and `op`, reporting its data as
 /// freed. The tree's shape does not change: only the path to the leaf is copied (if a snapshot shares
 /// it) and the max ops along it raised.
@@ -348,6 +347,7 @@ pub(super) fn replace_in(
     }
 }
 
+/// Inserts an entry below `node`; returns the new right sibling when `node` had to split.
 fn insert_in(node: &mut Child, offset: u64, span: Span, op: u64) -> Option<Child> {
     match node {
         Child::Leaf(leaf) => {

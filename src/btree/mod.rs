@@ -240,9 +240,8 @@ impl ExtentMap {
         self.root.max_op()
     }
 
-    /// Whether any extent overlaps `[start, end)`. Read-only, so that an insert into fresh space does not
-    /// copy (or even write) the nodes on its path twice.
-    /// How `[start, end)` meets the extents in the map.
+    /// How `[start, end)` meets the extents in the map. Read-only, so that an insert into fresh space
+    /// does not copy (or even write) the nodes on its path twice.
     fn overlap(&self, start: u64, end: u64) -> Overlap {
         // The extent with the largest offset below `end` is the only candidate to reach into the range:
         // every earlier one ends at or before its offset. It is exactly the range when it starts at

@@ -422,6 +422,9 @@ impl Reactor {
                 // A master's local writes go to the device before its notes go to the slave (a
                 // loopback send runs the receiver's stack inline); a slave's applied notes get their
                 // journal block in this iteration, beside their data, not one iteration later.
+                for volume in self.router.volumes.iter_mut().flatten() {
+                    volume.push_gathered_writes(&mut self.router.uring);
+                }
                 if let Err(error) = self.router.uring.submit() {
                     tracing::error!(reactor = self.id, %error, "io_uring submit failed");
                 }

@@ -2139,6 +2139,13 @@ impl VolumeCopy {
         self.push_data_run(device);
     }
 
+    /// Hands the data writes gathered so far to the device now, instead of at the end of the
+    /// iteration: a replication master's local writes go to the device before their notes go to the
+    /// slave.
+    pub fn push_gathered_writes(&mut self, device: &mut dyn Device) {
+        self.push_data_run(device);
+    }
+
     fn has_open_notes(&self) -> bool {
         self.open
             .as_ref()
@@ -2150,7 +2157,9 @@ impl VolumeCopy {
     /// connections, given completions, may submit more) leave such work; a reactor must run another
     /// iteration before it sleeps, or nothing would ever complete them.
     pub fn has_unissued_work(&self) -> bool {
-        !self.data_run.is_empty() || self.has_open_notes()
+        // An open block with no device slot to seal it waits for a completion, which will wake the
+        // reactor: not work it could do now.
+        !self.data_run.is_empty() || self.has_open_notes() && !self.free_tags.is_empty()
     }
 
     /// Requests wait (perhaps for space) while data space waits for a header to vouch for a block

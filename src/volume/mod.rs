@@ -268,6 +268,18 @@ impl Volume {
         }
     }
 
+    /// Hands a persistent copy's gathered data writes to the ring now (`VolumeCopy::push_gathered_writes`).
+    pub fn push_gathered_writes(&mut self, uring: &mut Uring) {
+        if let Store::Persistent { copy, file } = &mut self.store {
+            let mut device = UringDevice {
+                uring,
+                fd: file.as_raw_fd(),
+                volume: self.id,
+            };
+            copy.push_gathered_writes(&mut device);
+        }
+    }
+
     /// Feeds a kernel completion (tagged with this volume's id) back to the store.
     pub fn complete(
         &mut self,

@@ -393,6 +393,8 @@ mod tests {
     struct FileDevice<'a> {
         file: &'a File,
         completed: VecDeque<(u32, i32)>,
+        /// Fail every vectored write with EIO, writing nothing.
+        fail_vectored: bool,
     }
 
     fn result_of(outcome: io::Result<()>, length: usize) -> i32 {
@@ -428,6 +430,10 @@ mod tests {
             count: usize,
             _dsync: bool,
         ) -> bool {
+            if self.fail_vectored {
+                self.completed.push_back((tag, -libc::EIO));
+                return true;
+            }
             // SAFETY: the caller keeps the array and every segment valid and unchanged until the
             // completion, which is delivered after this call returns.
             let segments = unsafe { std::slice::from_raw_parts(segments, count) };
@@ -499,6 +505,7 @@ mod tests {
             FileDevice {
                 file,
                 completed: VecDeque::new(),
+                fail_vectored: false,
             }
         }
     }
@@ -593,6 +600,62 @@ mod tests {
                 "offset {offset} after recovery"
             );
         }
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// A vectored data write that fails fails every note it carried: none is acknowledged, the copy
+    /// refuses writes from then on, and committed data still reads back.
+    #[test]
+    fn a_failed_vectored_write_fails_every_note_in_it() {
+        let (dir, path) = fresh_store("data-run-eio");
+        let mut opened = open(&path);
+        let mut device = FileDevice::on(&opened.file);
+        write(&mut opened.copy, &mut device, 1 << 20, 0x11);
+        device.fail_vectored = true;
+        let mut done = VecDeque::new();
+        for index in 0..8u64 {
+            let request = request(IoKind::Write, index * (64 << 10), 0x40 + index as u8);
+            opened.copy.submit(request, &mut device, &mut done);
+        }
+        let completions: Vec<IoCompletion> = done
+            .into_iter()
+            .chain(settle(&mut opened.copy, &mut device))
+            .collect();
+        assert_eq!(completions.len(), 8);
+        assert_eq!(
+            opened.copy.stats().data_runs,
+            1,
+            "seven notes in one vectored write"
+        );
+        // The first of the eight was a lone writer's inline note, outside the run.
+        let failed = completions
+            .iter()
+            .filter(|done| done.result.is_err())
+            .count();
+        assert!(
+            failed >= 7,
+            "{failed} of 8 failed: every note of the run must"
+        );
+        device.fail_vectored = false;
+        let mut done = VecDeque::new();
+        opened.copy.submit(
+            request(IoKind::Write, 2 << 20, 0x55),
+            &mut device,
+            &mut done,
+        );
+        let completions: Vec<IoCompletion> = done
+            .into_iter()
+            .chain(settle(&mut opened.copy, &mut device))
+            .collect();
+        assert!(
+            completions[0].result.is_err(),
+            "a failed copy refuses writes"
+        );
+        assert!(
+            read(&mut opened.copy, &mut device, 1 << 20)
+                .iter()
+                .all(|&b| b == 0x11)
+        );
         let _ = std::fs::remove_dir_all(&dir);
     }
 

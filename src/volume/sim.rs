@@ -2650,7 +2650,7 @@ fn run_seed(seed: u64, write_back: bool) -> SimStats {
 }
 
 /// Runs `seeds` on up to two threads; the seeds that failed (each failure also prints its seed).
-fn run_seeds(seeds: &[u64], keep_going: bool, write_back: bool) -> Vec<u64> {
+fn run_seeds(seeds: &[u64], keep_going: bool, write_back: bool) -> (Vec<u64>, SimStats) {
     let started = Instant::now();
     let next = AtomicU64::new(0);
     let stop = AtomicBool::new(false);
@@ -2700,7 +2700,7 @@ fn run_seeds(seeds: &[u64], keep_going: bool, write_back: bool) -> Vec<u64> {
     );
     let mut failed = failed.into_inner().expect("lock");
     failed.sort_unstable();
-    failed
+    (failed, total)
 }
 
 /// Runs the seeds the environment asks for (see the module doc).
@@ -2715,11 +2715,20 @@ fn simulate_seeds_from_env(write_back: bool) {
     };
     // Triage: run every seed even after failures (`FERROBLOCK_SIM_KEEP_GOING=1`).
     let keep_going = env_u64("FERROBLOCK_SIM_KEEP_GOING").is_some_and(|keep| keep > 0);
-    let failed = run_seeds(&seeds, keep_going, write_back);
+    let (failed, total) = run_seeds(&seeds, keep_going, write_back);
     assert!(
         failed.is_empty(),
         "simulation failed for seeds {failed:?}: re-run one with FERROBLOCK_SIM_SEED=<seed>"
     );
+    // The seed set must reach vectored data writes (`WriteRun`), with their failures and power cuts,
+    // or those paths go unchecked.
+    if seeds.len() >= 100 {
+        assert!(
+            total.data_runs > 0,
+            "no vectored data write in {} seeds",
+            seeds.len()
+        );
+    }
 }
 
 #[test]
@@ -2801,7 +2810,7 @@ const REGRESSION_SEEDS: &[(u64, &str)] = &[
 #[test]
 fn simulated_power_cuts_regressions() {
     let seeds: Vec<u64> = REGRESSION_SEEDS.iter().map(|&(seed, _)| seed).collect();
-    let failed = run_seeds(&seeds, true, false);
+    let (failed, _) = run_seeds(&seeds, true, false);
     let failed: Vec<_> = REGRESSION_SEEDS
         .iter()
         .filter(|(seed, _)| failed.contains(seed))
