@@ -181,6 +181,9 @@ pub fn open_copy(
             .and_then(|()| writer.sync_data())
             .map_err(io_error)?;
     }
+    if direct {
+        drop_cached_pages(&reader, path);
+    }
     tracing::info!(
         path = %path.display(),
         committed_op = recovered.committed_op,
@@ -369,6 +372,20 @@ fn preallocate(file: &File, length: u64) -> io::Result<()> {
         return Err(error);
     }
     Ok(())
+}
+
+/// Drops the page cache the start-up reads (recovery scans the whole journal, up to 160 MiB for a 1 GiB
+/// volume) and writes left behind: all of it clean by now (synced above). While a file has any cached
+/// page, every O_DIRECT write to it looks up and evicts the pages of its range, before and after the
+/// write (measured: 4.5 % of the reactor's time at QD32 in `invalidate_inode_pages2_range` and its
+/// page-cache walk). Advice only: a failure costs speed, never data, so it is logged and ignored.
+fn drop_cached_pages(file: &File, path: &Path) {
+    // SAFETY: posix_fadvise on our own descriptor has no memory effects.
+    let result = unsafe { libc::posix_fadvise(file.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
+    if result != 0 {
+        let error = io::Error::from_raw_os_error(result);
+        tracing::warn!(path = %path.display(), %error, "could not drop the store's start-up pages from the page cache");
+    }
 }
 
 fn read_exact_at(file: &File, buffer: &mut [u8], address: u64) -> io::Result<()> {
@@ -813,6 +830,56 @@ mod tests {
                     .iter()
                     .all(|&b| b == fill),
                 "offset {offset} after recovery"
+            );
+        }
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// How many pages of `file` the page cache holds (mincore over a read-only shared mapping, which
+    /// faults nothing in).
+    fn cached_pages(file: &File) -> usize {
+        let length = file.metadata().expect("metadata").len() as usize;
+        // SAFETY: a fresh read-only shared mapping of our own descriptor, never dereferenced, unmapped
+        // below; mincore writes one byte per page into `resident`, which has room for every page.
+        unsafe {
+            let address = libc::mmap(
+                std::ptr::null_mut(),
+                length,
+                libc::PROT_READ,
+                libc::MAP_SHARED,
+                file.as_raw_fd(),
+                0,
+            );
+            assert_ne!(address, libc::MAP_FAILED, "mmap of the store");
+            let mut resident = vec![0u8; length.div_ceil(4096)];
+            let result = libc::mincore(address, length, resident.as_mut_ptr());
+            libc::munmap(address, length);
+            assert_eq!(result, 0, "mincore of the store");
+            resident.iter().filter(|&&page| page & 1 != 0).count()
+        }
+    }
+
+    /// Recovery reads the journal through the page cache; an O_DIRECT store leaves none of it there,
+    /// since every direct write to a file with cached pages pays a page-cache walk.
+    #[test]
+    fn an_opened_store_leaves_no_page_cache() {
+        let (dir, path) = fresh_store("page-cache");
+        let mut opened = open(&path);
+        {
+            let mut device = FileDevice::on(&opened.file);
+            for index in 0..16u64 {
+                write(&mut opened.copy, &mut device, index * 8192, index as u8);
+            }
+        }
+        drop(opened);
+        let reopened = open(&path);
+        assert_eq!(reopened.copy.committed_op(), 16);
+        if reopened.direct {
+            assert_eq!(cached_pages(&reopened.file), 0);
+        } else {
+            eprintln!(
+                "{}: the file system refuses O_DIRECT; nothing to check",
+                path.display()
             );
         }
         let _ = std::fs::remove_dir_all(&dir);
