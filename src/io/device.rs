@@ -116,6 +116,6 @@ impl Device for UringDevice<'_> {
             .build()
             .user_data(self.user_data(tag));
         // SAFETY: fsync references no memory.
-        unsafe { self.uring.push(&entry) }
+        unsafe { self.uring.push_worker_op(&entry) }
     }
 }

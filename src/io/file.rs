@@ -147,9 +147,19 @@ impl FileStore {
         });
         let entry =
             main_entry(&self.file, &mut slot.request).user_data(user_data(self.volume, tag));
-        // SAFETY: the request (and its buffer) stays in `self.in_flight[tag]` until `complete` takes it out
-        // after the kernel posts this entry's completion.
-        if !unsafe { uring.push(&entry) } {
+        let on_worker = matches!(
+            slot.request.kind,
+            IoKind::Flush | IoKind::Trim | IoKind::WriteZeroes
+        );
+        let pushed = if on_worker {
+            // SAFETY: the request (and its buffer) stays in `self.in_flight[tag]` until `complete` takes
+            // it out after the kernel posts this entry's completion.
+            unsafe { uring.push_worker_op(&entry) }
+        } else {
+            // SAFETY: as above.
+            unsafe { uring.push(&entry) }
+        };
+        if !pushed {
             let parked = self.in_flight[tag as usize]
                 .take()
                 .expect("just inserted")
@@ -200,7 +210,7 @@ impl FileStore {
                 .user_data(user_data(self.volume, tag));
             *slot = Some(in_flight);
             // SAFETY: fsync references no buffer.
-            if !unsafe { uring.push(&entry) } {
+            if !unsafe { uring.push_worker_op(&entry) } {
                 // The slot we just freed guarantees room in the ring; treat failure as a device error.
                 let in_flight = slot.take().expect("just stored");
                 self.free_tags.push(tag);

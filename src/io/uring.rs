@@ -19,6 +19,9 @@ pub struct Uring {
     in_flight: usize,
     in_flight_max: usize,
     unsubmitted: usize,
+    /// User data of the operations in flight that the kernel hands to an io-wq worker thread (fsync,
+    /// fallocate): few at a time (one sync per store), so a list.
+    worker_ops: Vec<u64>,
 }
 
 impl Uring {
@@ -39,6 +42,7 @@ impl Uring {
             in_flight: 0,
             in_flight_max,
             unsubmitted: 0,
+            worker_ops: Vec::new(),
         })
     }
 
@@ -109,6 +113,26 @@ impl Uring {
         true
     }
 
+    /// `push` for an operation that cannot complete inline and runs on an io-wq worker thread (fsync,
+    /// fallocate): counted in `worker_ops_in_flight` until its completion is reaped.
+    ///
+    /// # Safety
+    /// As for `push`.
+    pub unsafe fn push_worker_op(&mut self, entry: &squeue::Entry) -> bool {
+        // SAFETY: the caller guarantees what `push` requires.
+        let pushed = unsafe { self.push(entry) };
+        if pushed {
+            self.worker_ops.push(entry.get_user_data());
+        }
+        pushed
+    }
+
+    /// Operations in flight on io-wq workers: while there are any, a reactor sharing its core with
+    /// those workers must not spin (the worker would wait for the spin to end).
+    pub fn worker_ops_in_flight(&self) -> usize {
+        self.worker_ops.len()
+    }
+
     /// Hands queued entries to the kernel: once per reactor iteration, so that a burst costs one syscall.
     pub fn submit(&mut self) -> io::Result<()> {
         if self.unsubmitted == 0 {
@@ -142,6 +166,13 @@ impl Uring {
             out.push((entry.user_data(), entry.result()));
         }
         drop(completion);
+        if !self.worker_ops.is_empty() {
+            for &(user_data, _) in &out[before..] {
+                if let Some(index) = self.worker_ops.iter().position(|&op| op == user_data) {
+                    self.worker_ops.swap_remove(index);
+                }
+            }
+        }
         let reaped = out.len() - before;
         debug_assert!(reaped <= self.in_flight);
         self.in_flight -= reaped;
@@ -153,5 +184,40 @@ impl Uring {
         let mut completion = self.ring.completion();
         completion.sync();
         !completion.is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use io_uring::{opcode, types};
+
+    /// An fsync counts as a worker operation from its push until its completion is reaped; other
+    /// operations reaped beside it do not disturb the count.
+    #[test]
+    fn worker_ops_are_counted_until_reaped() {
+        let path = std::env::temp_dir().join(format!("ferroblock-uring-{}", std::process::id()));
+        let file = std::fs::File::create(&path).expect("temp file");
+        let mut uring = Uring::new().expect("io_uring");
+        let fsync = opcode::Fsync::new(types::Fd(file.as_raw_fd()))
+            .build()
+            .user_data(7);
+        let nop = opcode::Nop::new().build().user_data(8);
+        // SAFETY: neither entry references memory.
+        assert!(unsafe { uring.push_worker_op(&fsync) });
+        // SAFETY: as above.
+        assert!(unsafe { uring.push(&nop) });
+        assert_eq!(uring.worker_ops_in_flight(), 1);
+        uring.submit().expect("submit");
+        let mut reaped = Vec::new();
+        while reaped.len() < 2 {
+            uring.ring.submit_and_wait(1).expect("wait");
+            uring.reap_into(&mut reaped);
+        }
+        reaped.sort_unstable();
+        assert_eq!(reaped, vec![(7, 0), (8, 0)]);
+        assert_eq!(uring.worker_ops_in_flight(), 0);
+        assert_eq!(uring.in_flight(), 0);
+        let _ = std::fs::remove_file(&path);
     }
 }

@@ -267,6 +267,9 @@ pub struct Reactor {
     counted_drained: bool,
     metrics: Arc<Metrics>,
     worker_cpus: Vec<usize>,
+    /// Whether io-wq workers may run on this reactor's core (it is among `worker_cpus`, or the
+    /// reactor is not pinned).
+    workers_share_core: bool,
     replication: Option<ReplicationHub>,
     /// Loop accounting gathered locally and published now and then (atomics are not free).
     pending_iterations: u64,
@@ -326,6 +329,9 @@ impl Reactor {
             draining: false,
             counted_drained: false,
             metrics: setup.metrics,
+            workers_share_core: setup
+                .core
+                .is_none_or(|core| setup.worker_cpus.contains(&core.id)),
             worker_cpus: setup.worker_cpus,
             replication,
             pending_iterations: 0,
@@ -511,7 +517,13 @@ impl Reactor {
         let may_sleep = match self.poll_mode {
             PollMode::Busy => false,
             PollMode::Interrupt => true,
-            PollMode::Adaptive => last_work.elapsed() >= self.spin,
+            // Not while an io-wq worker that may run on this core has an operation (a sync): it
+            // would wait for the spin to end (the scheduler does not preempt a reactor that sleeps
+            // often for a newly woken worker), so every sync would take the whole spin longer.
+            PollMode::Adaptive => {
+                last_work.elapsed() >= self.spin
+                    || self.workers_share_core && self.router.uring.worker_ops_in_flight() > 0
+            }
         };
         if !may_sleep || self.has_pending_work() || !self.router.mailboxes[self.id].prepare_sleep()
         {
