@@ -275,6 +275,8 @@ pub struct Reactor {
     pending_iterations: u64,
     pending_busy_ns: u64,
     pending_idle_ns: u64,
+    /// When the current iteration's poll returned: the clock of everything the iteration does.
+    now: Instant,
 }
 
 impl Reactor {
@@ -337,6 +339,7 @@ impl Reactor {
             pending_iterations: 0,
             pending_busy_ns: 0,
             pending_idle_ns: 0,
+            now: Instant::now(),
         })
     }
 
@@ -365,28 +368,34 @@ impl Reactor {
             self.replication = Some(hub);
         }
         let mut events = Events::with_capacity(EVENTS_PER_POLL);
-        let mut last_work = Instant::now();
-        let mut work_started = last_work;
+        // One clock read per iteration that does not sleep (two when it does): the iteration's `now`
+        // serves the spin window, the timers and the requests' latencies.
+        let mut last_work = self.now;
+        let mut work_started = self.now;
         loop {
             let timeout = self.poll_timeout(last_work);
-            let poll_started = Instant::now();
-            self.pending_busy_ns += (poll_started - work_started).as_nanos() as u64;
             let sleeping = timeout != Some(Duration::ZERO);
-            if sleeping {
+            let poll_started = if sleeping {
+                let now = Instant::now();
+                self.pending_busy_ns += (now - work_started).as_nanos() as u64;
                 self.publish_loop_metrics();
-            }
+                now
+            } else {
+                work_started
+            };
             match self.poll.poll(&mut events, timeout) {
                 Ok(()) => {}
                 Err(error) if error.kind() == io::ErrorKind::Interrupted => {}
                 Err(error) => return Err(error),
             }
-            work_started = Instant::now();
-            let waited = (work_started - poll_started).as_nanos() as u64;
+            self.now = Instant::now();
+            let waited = (self.now - poll_started).as_nanos() as u64;
             if sleeping {
                 self.pending_idle_ns += waited;
             } else {
                 self.pending_busy_ns += waited;
             }
+            work_started = self.now;
             self.pending_iterations += 1;
             if self.pending_iterations >= LOOP_METRICS_BATCH {
                 self.publish_loop_metrics();
@@ -448,7 +457,7 @@ impl Reactor {
             // nice-19 compile included, for a whole slice (QD1 latency +20-29 %, bench/RESULTS.md
             // "A/B ... yielding idle spin"). io-wq workers get cores of their own by default instead.
             if worked {
-                last_work = Instant::now();
+                last_work = self.now;
             }
             if self.shutdown.is_requested() && self.shutdown_step() {
                 tracing::debug!(reactor = self.id, "reactor stopped");
@@ -521,7 +530,7 @@ impl Reactor {
             // would wait for the spin to end (the scheduler does not preempt a reactor that sleeps
             // often for a newly woken worker), so every sync would take the whole spin longer.
             PollMode::Adaptive => {
-                last_work.elapsed() >= self.spin
+                self.now.saturating_duration_since(last_work) >= self.spin
                     || self.workers_share_core && self.router.uring.worker_ops_in_flight() > 0
             }
         };
@@ -704,7 +713,7 @@ impl Reactor {
                     ..
                 } = completion.origin;
                 if let Some(target) = self.connections.get_mut(connection, generation) {
-                    target.complete(completion);
+                    target.complete(completion, self.now);
                     self.mark_dirty(connection);
                 }
                 // Otherwise the client is gone: dropping the completion frees its buffer.
@@ -719,7 +728,7 @@ impl Reactor {
                 let Some(connection) = self.connections.entries[index as usize].as_mut() else {
                     continue;
                 };
-                if let Err(reason) = connection.pump(&self.exports, &mut self.router) {
+                if let Err(reason) = connection.pump(&self.exports, &mut self.router, self.now) {
                     self.close_connection(index, reason);
                 }
             }
@@ -731,10 +740,10 @@ impl Reactor {
         let Some(Reverse((first, _, _))) = self.timers.peek() else {
             return;
         };
-        if *first > Instant::now() {
+        if *first > self.now {
             return;
         }
-        let now = Instant::now();
+        let now = self.now;
         while let Some(Reverse((deadline, index, generation))) = self.timers.peek().copied() {
             if deadline > now {
                 break;

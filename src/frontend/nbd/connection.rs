@@ -151,6 +151,9 @@ pub struct Connection {
     read_ready: bool,
     /// Stop taking requests: the client sent NBD_CMD_DISC or the server is shutting down.
     draining: bool,
+    /// The reactor's clock for the iteration now running `pump` (one clock read per iteration, not
+    /// two per request: measured 4 % of the reactor's time at QD32 in clock_gettime).
+    now: Instant,
     metrics: Arc<Metrics>,
 }
 
@@ -164,6 +167,7 @@ impl Connection {
     ) -> Connection {
         let mut control = Vec::with_capacity(256);
         let negotiation = Negotiation::start(&mut control);
+        let started = Instant::now();
         let empty_request = ValidRequest {
             cookie: 0,
             kind: IoKind::Flush,
@@ -190,7 +194,7 @@ impl Connection {
                 .map(|_| Slot {
                     buf: AlignedBuf::empty(),
                     request: empty_request,
-                    started: Instant::now(),
+                    started,
                 })
                 .collect(),
             free_slots: (0..SLOTS_PER_CONNECTION as u16).rev().collect(),
@@ -198,6 +202,7 @@ impl Connection {
             in_flight: 0,
             read_ready: true,
             draining: false,
+            now: started,
             metrics,
         }
     }
@@ -231,11 +236,14 @@ impl Connection {
     }
 
     /// Writes what is pending, takes in what the socket holds, and says whether the connection lives on.
+    /// `now`: the reactor's clock for this iteration, the start time of the requests taken in.
     pub fn pump(
         &mut self,
         exports: &[ExportInfo],
         submit: &mut dyn SubmitIo,
+        now: Instant,
     ) -> Result<(), CloseReason> {
+        self.now = now;
         self.flush()?;
         while !self.draining {
             self.receive(exports, submit)?;
@@ -260,7 +268,8 @@ impl Connection {
     }
 
     /// A volume finished a request of ours: queue its reply (written by the next `pump`).
-    pub fn complete(&mut self, completion: IoCompletion) {
+    /// `now`: the reactor's clock for this iteration, the end time of the request.
+    pub fn complete(&mut self, completion: IoCompletion, now: Instant) {
         debug_assert!(self.in_flight > 0);
         self.in_flight -= 1;
         let slot_index = completion.origin.slot;
@@ -277,7 +286,7 @@ impl Connection {
             request.kind,
             request.length,
             completion.result.is_ok(),
-            slot.started.elapsed().as_nanos() as u64,
+            now.saturating_duration_since(slot.started).as_nanos() as u64,
         );
         let reply = match completion.result {
             Ok(result) => match request.kind {
@@ -420,7 +429,7 @@ impl Connection {
                     match validate(&header, &transmission.limits) {
                         Decision::Execute(request) => {
                             self.slots[usize::from(slot)].request = request;
-                            self.slots[usize::from(slot)].started = Instant::now();
+                            self.slots[usize::from(slot)].started = self.now;
                             if request.payload > 0 {
                                 let buf = &mut self.slots[usize::from(slot)].buf;
                                 buf.reserve_total(request.payload as usize);
