@@ -125,6 +125,9 @@ struct IoRouter {
     /// Messages whose ring was full, per target reactor, in order.
     parked: Vec<VecDeque<Message>>,
     wake_pending: Vec<bool>,
+    /// Requests this reactor's connections submitted and have not had back: the host's queue depth
+    /// here, which the adaptive spin policy reads (a hint: nothing relies on it being exact).
+    requests_in_flight: usize,
 }
 
 impl IoRouter {
@@ -172,6 +175,7 @@ impl IoRouter {
 
 impl SubmitIo for IoRouter {
     fn submit(&mut self, request: IoRequest) {
+        self.requests_in_flight += 1;
         let owner = usize::from(self.owners[request.volume as usize]);
         if owner == self.id {
             let before = self.done.len();
@@ -324,6 +328,7 @@ impl Reactor {
                 mailboxes: setup.mailboxes,
                 parked: (0..reactors).map(|_| VecDeque::new()).collect(),
                 wake_pending: vec![false; reactors],
+                requests_in_flight: 0,
             },
             completions: Vec::with_capacity(1024),
             timers: BinaryHeap::new(),
@@ -529,9 +534,15 @@ impl Reactor {
             // Not while an io-wq worker that may run on this core has an operation (a sync): it
             // would wait for the spin to end (the scheduler does not preempt a reactor that sleeps
             // often for a newly woken worker), so every sync would take the whole spin longer.
+            // Nor while the host keeps more than one request here with device IO in flight: the
+            // kernel's completion work for that IO (block-layer and file-system workers, softirqs)
+            // then needs a core as much as the reactor, and the spin would hold one against it; the
+            // next completion or request wakes the reactor. A lone request (QD1) keeps the spin,
+            // which saves a wake-up when the other cores are idle.
             PollMode::Adaptive => {
                 self.now.saturating_duration_since(last_work) >= self.spin
                     || self.workers_share_core && self.router.uring.worker_ops_in_flight() > 0
+                    || self.router.requests_in_flight > 1 && self.router.uring.in_flight() > 0
             }
         };
         if !may_sleep || self.has_pending_work() || !self.router.mailboxes[self.id].prepare_sleep()
@@ -707,6 +718,7 @@ impl Reactor {
     fn deliver(&mut self) {
         loop {
             while let Some(completion) = self.router.done.pop_front() {
+                self.router.requests_in_flight = self.router.requests_in_flight.saturating_sub(1);
                 let Origin {
                     connection,
                     generation,
