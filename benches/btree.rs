@@ -9,30 +9,15 @@ use std::time::Instant;
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use ferroblock::btree::{Extent, ExtentMap, Location};
+use support::SplitMix;
+
+mod support;
 
 const VOLUME_BYTES: u64 = 64 << 30;
 const WRITE_BYTES: u64 = 4096;
 const EXTENT_COUNT_TARGET: usize = 1_000_000;
 /// Extents written after the catch-up watermark.
 const RECENT_EXTENT_COUNT: usize = 100;
-
-/// A small deterministic generator (splitmix64).
-struct SplitMix(u64);
-
-impl SplitMix {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-
-    /// A random 4 KiB-aligned offset in the volume.
-    fn offset(&mut self) -> u64 {
-        (self.next() % (VOLUME_BYTES / WRITE_BYTES)) * WRITE_BYTES
-    }
-}
 
 /// The map under test plus what the benches need to keep writing into it.
 struct Fixture {
@@ -57,7 +42,7 @@ impl Fixture {
         let started = Instant::now();
         let mut inserts = 0u64;
         while fixture.map.extent_count() < EXTENT_COUNT_TARGET {
-            let offset = fixture.random.offset();
+            let offset = fixture.random.below(VOLUME_BYTES / WRITE_BYTES) * WRITE_BYTES;
             fixture.write(offset, &mut freed);
             fixture.written.push(offset);
             freed.clear();
@@ -86,7 +71,7 @@ impl Fixture {
     }
 
     fn written_offset(&mut self) -> u64 {
-        self.written[(self.random.next() % self.written.len() as u64) as usize]
+        self.written[self.random.below(self.written.len() as u64) as usize]
     }
 }
 
@@ -108,7 +93,8 @@ fn extent_map(c: &mut Criterion) {
     });
     group.bench_function("lookup_128k_random", |b| {
         b.iter(|| {
-            let offset = fixture.random.offset().min(VOLUME_BYTES - (128 << 10));
+            let offset = fixture.random.below(VOLUME_BYTES / WRITE_BYTES)
+                * WRITE_BYTES.min(VOLUME_BYTES - (128 << 10));
             mappings.clear();
             fixture
                 .map
@@ -127,7 +113,7 @@ fn extent_map(c: &mut Criterion) {
     });
     group.bench_function("insert_4k_random", |b| {
         b.iter(|| {
-            let offset = fixture.random.offset();
+            let offset = fixture.random.below(VOLUME_BYTES / WRITE_BYTES) * WRITE_BYTES;
             freed.clear();
             fixture.write(black_box(offset), &mut freed);
         })
@@ -137,7 +123,7 @@ fn extent_map(c: &mut Criterion) {
     // Catch-up: the extents written after watermark `since`.
     let since = fixture.next_op - 1;
     for _ in 0..RECENT_EXTENT_COUNT {
-        let offset = fixture.random.offset();
+        let offset = fixture.random.below(VOLUME_BYTES / WRITE_BYTES) * WRITE_BYTES;
         freed.clear();
         fixture.write(offset, &mut freed);
     }
@@ -166,5 +152,10 @@ fn extent_map(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, extent_map);
+criterion_group! {
+    name = benches;
+    // No plots: they need system fonts that a bare machine lacks (criterion panics without them).
+    config = Criterion::default().without_plots();
+    targets = extent_map
+}
 criterion_main!(benches);

@@ -1,22 +1,23 @@
 //! The data-area allocator: which sectors of this peer's data area hold live data and which are free.
 //!
-//! Owns: the free space of `[0, capacity_bytes)`, kept as coalesced free runs indexed twice (by offset,
-//! to coalesce and to continue from the cursor; by length, to find the largest run), and the next-fit
-//! cursor that makes consecutive writes land consecutively on disk.
+//! Owns: the free space of `[0, capacity_bytes)`, kept as coalesced free runs in one tree (`runs`: in
+//! address order, with the longest run below each inner entry), and the next-fit cursor that makes
+//! consecutive writes land consecutively on disk.
 //! Must never: hand out a byte that is already allocated, accept a free of a byte that is not allocated,
 //! allocate part of a request when the whole does not fit, or touch the disk. It is not durable: what is
 //! live is derived from the extent map on recovery (`mark_used`).
 //!
 //! Policy. An allocation is taken from the free run that contains the cursor (the end of the previous
 //! allocation) when the rest of that run fits it: a stream of writes then lands back to back. Otherwise it
-//! is taken from the front of the largest free run, so that the following writes have the longest
-//! contiguous stretch ahead of them. Only when no single run fits does a request come back in several
-//! pieces, taken largest first (the fewest pieces possible). Every step is a handful of `BTreeMap` /
-//! `BTreeSet` operations: O(log runs) per piece.
+//! is taken from the front of the longest free run (the leftmost of equals), so that the following writes
+//! have the longest contiguous stretch ahead of them. Only when no single run fits does a request come
+//! back in several pieces, taken longest first (the fewest pieces possible). Every step is one or two
+//! descents of the run tree: O(log runs) per piece.
 
-use std::collections::{BTreeMap, BTreeSet};
+mod runs;
 
 use crate::config::SECTOR_SIZE;
+use runs::{FreeRuns, Path};
 
 /// A byte range of the data area: allocated to a write, or no longer referenced and ready to be freed.
 /// Address and length are multiples of the sector size.
@@ -47,9 +48,7 @@ pub struct Allocator {
     capacity_bytes: u64,
     free_bytes: u64,
     /// Free runs, start -> length. Never empty runs, never two runs that touch (they are coalesced).
-    runs_by_offset: BTreeMap<u64, u64>,
-    /// The same runs as (length, start), so that the largest run is the last element.
-    runs_by_length: BTreeSet<(u64, u64)>,
+    runs: FreeRuns,
     /// End of the previous allocation: where the next one would continue it.
     cursor: u64,
 }
@@ -64,12 +63,12 @@ impl Allocator {
         let mut allocator = Allocator {
             capacity_bytes,
             free_bytes: capacity_bytes,
-            runs_by_offset: BTreeMap::new(),
-            runs_by_length: BTreeSet::new(),
+            runs: FreeRuns::new(),
             cursor: 0,
         };
         if capacity_bytes > 0 {
-            allocator.insert_run(0, capacity_bytes);
+            let path = allocator.runs.descend(0);
+            allocator.runs.insert_at(&path, 0, capacity_bytes);
         }
         allocator
     }
@@ -90,24 +89,26 @@ impl Allocator {
         }
 
         // Continue the previous allocation when the run it ended in still has room.
-        if let Some((run_start, run_length)) = self.run_containing(self.cursor)
+        let path = self.runs.descend(self.cursor);
+        if let Some((run_start, run_length)) = self.runs.at_or_before(&path)
+            && run_start + run_length > self.cursor
             && run_start + run_length - self.cursor >= length
         {
             let address = self.cursor;
-            self.take(run_start, run_length, address, length);
+            self.take(&path, (run_start, run_length), address, length);
             out.push(Piece { address, length });
             return Ok(());
         }
 
-        // Otherwise the front of the largest run; when even that is too small, take the largest runs
+        // Otherwise the front of the longest run; when even that is too small, take the longest runs
         // whole, one after the other, which yields the fewest pieces.
         let mut remaining = length;
         while remaining > 0 {
-            let Some(&(run_length, run_start)) = self.runs_by_length.last() else {
+            let Some(((run_start, run_length), path)) = self.runs.longest() else {
                 unreachable!("free_bytes counted {remaining} more bytes than the free runs hold");
             };
             let taken = run_length.min(remaining);
-            self.take(run_start, run_length, run_start, taken);
+            self.take(&path, (run_start, run_length), run_start, taken);
             out.push(Piece {
                 address: run_start,
                 length: taken,
@@ -120,34 +121,41 @@ impl Allocator {
     /// Returns an allocated piece (or part of one) to the free space.
     pub fn free(&mut self, piece: Piece) {
         self.assert_piece_in_bounds(piece);
-        let mut start = piece.address;
-        let mut end = piece.end();
-        if let Some((&before_start, &before_length)) =
-            self.runs_by_offset.range(..start).next_back()
-        {
-            let before_end = before_start + before_length;
+        let (start, end) = (piece.address, piece.end());
+        let path = self.runs.descend(start);
+        let before = self.runs.at_or_before(&path);
+        let after = self.runs.after(&path);
+        if let Some((before_start, before_length)) = before {
             assert!(
-                before_end <= start,
+                before_start + before_length <= start,
                 "free of {piece:?}, which overlaps the free run at {before_start}+{before_length}"
             );
-            if before_end == start {
-                self.remove_run(before_start, before_length);
-                start = before_start;
-            }
         }
-        if let Some((&after_start, &after_length)) =
-            self.runs_by_offset.range(piece.address..).next()
-        {
+        if let Some((after_start, after_length)) = after {
             assert!(
                 after_start >= end,
                 "free of {piece:?}, which overlaps the free run at {after_start}+{after_length}"
             );
-            if after_start == end {
-                self.remove_run(after_start, after_length);
-                end = after_start + after_length;
-            }
         }
-        self.insert_run(start, end - start);
+        let joins_before =
+            before.filter(|&(before_start, before_length)| before_start + before_length == start);
+        let joins_after = after.filter(|&(after_start, _)| after_start == end);
+        match (joins_before, joins_after) {
+            (Some((before_start, before_length)), Some((after_start, after_length))) => {
+                let length = before_length + piece.length + after_length;
+                self.runs.replace_at_or_before(&path, before_start, length);
+                self.runs.remove(after_start);
+            }
+            (Some((before_start, before_length)), None) => {
+                self.runs
+                    .replace_at_or_before(&path, before_start, before_length + piece.length);
+            }
+            (None, Some((_, after_length))) => {
+                self.runs
+                    .replace_after(&path, start, piece.length + after_length);
+            }
+            (None, None) => self.runs.insert_at(&path, start, piece.length),
+        }
         self.free_bytes += piece.length;
         debug_assert!(self.free_bytes <= self.capacity_bytes);
     }
@@ -155,20 +163,24 @@ impl Allocator {
     /// Marks a free piece as used, for recovery: the allocator is rebuilt from the extent map.
     pub fn mark_used(&mut self, piece: Piece) {
         self.assert_piece_in_bounds(piece);
-        let run = self.run_containing(piece.address);
-        let Some((run_start, run_length)) =
-            run.filter(|&(start, length)| start + length >= piece.end())
+        let path = self.runs.descend(piece.address);
+        let Some(run) = self
+            .runs
+            .at_or_before(&path)
+            .filter(|&(start, length)| start + length >= piece.end())
         else {
             panic!("mark_used of {piece:?}, which is not entirely free");
         };
-        self.take(run_start, run_length, piece.address, piece.length);
+        self.take(&path, run, piece.address, piece.length);
     }
 
     /// Whether every byte of `piece` is free: lets recovery reject a damaged map (two extents sharing
     /// data) with an error before `mark_used` would assert.
     pub fn is_free(&self, piece: Piece) -> bool {
         self.assert_piece_in_bounds(piece);
-        self.run_containing(piece.address)
+        let path = self.runs.descend(piece.address);
+        self.runs
+            .at_or_before(&path)
             .is_some_and(|(start, length)| start + length >= piece.end())
     }
 
@@ -180,40 +192,26 @@ impl Allocator {
         self.capacity_bytes
     }
 
-    /// The free run holding byte `address`, as (start, length).
-    fn run_containing(&self, address: u64) -> Option<(u64, u64)> {
-        let (&start, &length) = self.runs_by_offset.range(..=address).next_back()?;
-        (start + length > address).then_some((start, length))
-    }
-
-    /// Carves `[address, address + length)` out of the free run `(run_start, run_length)`.
-    fn take(&mut self, run_start: u64, run_length: u64, address: u64, length: u64) {
-        let run_end = run_start + run_length;
-        debug_assert!(run_start <= address && address + length <= run_end && length > 0);
-        self.remove_run(run_start, run_length);
-        if address > run_start {
-            self.insert_run(run_start, address - run_start);
-        }
-        if address + length < run_end {
-            self.insert_run(address + length, run_end - (address + length));
+    /// Carves `[address, address + length)` out of `run` (start, length), the run at or before the
+    /// address `path` was made for.
+    fn take(&mut self, path: &Path, run: (u64, u64), address: u64, length: u64) {
+        let (run_start, run_length) = run;
+        let (run_end, end) = (run_start + run_length, address + length);
+        debug_assert!(run_start <= address && end <= run_end && length > 0);
+        match (address > run_start, end < run_end) {
+            (false, false) => self.runs.remove_at_or_before(path),
+            (false, true) => self.runs.replace_at_or_before(path, end, run_end - end),
+            (true, false) => self
+                .runs
+                .replace_at_or_before(path, run_start, address - run_start),
+            (true, true) => {
+                self.runs
+                    .replace_at_or_before(path, run_start, address - run_start);
+                self.runs.insert_at(path, end, run_end - end);
+            }
         }
         self.free_bytes -= length;
-        self.cursor = address + length;
-    }
-
-    fn insert_run(&mut self, start: u64, length: u64) {
-        debug_assert!(length > 0);
-        let replaced = self.runs_by_offset.insert(start, length);
-        debug_assert!(replaced.is_none());
-        let added = self.runs_by_length.insert((length, start));
-        debug_assert!(added);
-    }
-
-    fn remove_run(&mut self, start: u64, length: u64) {
-        let removed = self.runs_by_offset.remove(&start);
-        debug_assert_eq!(removed, Some(length));
-        let removed = self.runs_by_length.remove(&(length, start));
-        debug_assert!(removed);
+        self.cursor = end;
     }
 
     fn assert_piece_in_bounds(&self, piece: Piece) {
@@ -233,12 +231,11 @@ impl Allocator {
     /// Checks every internal invariant (tests only: it walks all runs).
     #[cfg(test)]
     fn check_invariants(&self) {
-        assert_eq!(self.runs_by_offset.len(), self.runs_by_length.len());
+        self.runs.check_invariants();
         let mut previous_end = None;
         let mut free_bytes = 0;
-        for (&start, &length) in &self.runs_by_offset {
+        for (start, length) in self.runs.runs() {
             assert!(length > 0);
-            assert!(self.runs_by_length.contains(&(length, start)));
             if let Some(previous_end) = previous_end {
                 assert!(start > previous_end, "runs touch or overlap at {start}");
             }
@@ -296,7 +293,7 @@ mod tests {
             length: 2 * SECTOR,
         });
         allocator.check_invariants();
-        assert_eq!(allocator.runs_by_offset.len(), 1);
+        assert_eq!(allocator.runs.len(), 1);
         let mut again = Vec::new();
         allocator.allocate(6 * SECTOR, &mut again).expect("space");
         assert_eq!(

@@ -244,23 +244,6 @@ fn checkpoint_load_in_offset_order_accepts_any_ops() {
     assert_eq!(changed, [data(0, 8, 7, 0), data(16, 8, 9, 16)]);
 }
 
-/// A small deterministic generator (splitmix64), so that the big scenario below needs no crate.
-struct SplitMix(u64);
-
-impl SplitMix {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-
-    fn below(&mut self, bound: u64) -> u64 {
-        self.next() % bound
-    }
-}
-
 // ---------------------------------------------------------------------------------------------------
 // Reference model: one state per sector.
 
@@ -574,7 +557,7 @@ fn run_model(volume_sectors: u64, steps: Vec<Step>, probes: Vec<u64>) -> Result<
                 writes,
                 sectors_max,
             } => {
-                let mut random = SplitMix(seed);
+                let mut random = crate::sim_rng::Rng::new(seed);
                 for _ in 0..writes {
                     op += 1;
                     let write_step = (
@@ -657,7 +640,7 @@ proptest! {
 #[test]
 fn deep_tree_survives_large_trims() {
     const VOLUME_SECTORS: u64 = 1 << 17;
-    let mut random = SplitMix(42);
+    let mut random = crate::sim_rng::Rng::new(42);
     let mut map = ExtentMap::new();
     let mut model = Model::new(VOLUME_SECTORS as usize);
     let mut addresses = Addresses(1 << 40);
