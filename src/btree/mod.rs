@@ -194,6 +194,27 @@ impl ExtentMap {
         }
     }
 
+    /// Starts fetching the leaf that holds `offset` into the CPU's cache, without waiting for it. A
+    /// write calls this when it arrives, so that its commit, tens of microseconds later, finds the leaf
+    /// in cache: the leaves of a large map mostly are not (262,144 extents are 13 MB of leaves), and
+    /// the miss on the leaf was most of `insert`'s time. The inner levels above it are few and stay
+    /// cached.
+    pub fn prefetch(&self, offset: u64) {
+        let mut node = &self.root;
+        loop {
+            match node {
+                Child::Internal(internal) => {
+                    let index = keys_at_or_below(&internal.keys, offset).saturating_sub(1);
+                    node = internal.child(index);
+                }
+                Child::Leaf(leaf) => {
+                    node::prefetch_lines(std::sync::Arc::as_ptr(leaf).cast(), size_of::<Leaf>());
+                    return;
+                }
+            }
+        }
+    }
+
     /// The mappings covering exactly `[offset, offset + length)`, in order: extents (clipped) and holes.
     /// Appends to `out`.
     pub fn lookup(&self, offset: u64, length: u64, out: &mut Vec<Mapping>) {

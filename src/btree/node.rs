@@ -67,6 +67,24 @@ pub(super) enum Child {
     Internal(Arc<Internal>),
 }
 
+/// Asks the CPU to fetch `bytes` from `start` into its cache, one hint per cache line, and returns at
+/// once (a no-op where no prefetch instruction is wired).
+#[inline]
+pub(super) fn prefetch_lines(start: *const u8, bytes: usize) {
+    #[cfg(target_arch = "x86_64")]
+    for line in (0..bytes).step_by(64) {
+        // SAFETY: a prefetch is only a hint: it never faults and never changes memory, whatever the
+        // address, so no requirement on the pointer applies.
+        unsafe {
+            core::arch::x86_64::_mm_prefetch::<{ core::arch::x86_64::_MM_HINT_T0 }>(
+                start.wrapping_add(line).cast(),
+            );
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = (start, bytes);
+}
+
 /// Number of keys strictly below `bound`. Branch-free over all 31 slots (unused slots hold `KEY_UNUSED`),
 /// so the four key lines are loaded in parallel and the compiler can vectorise the compare.
 #[inline]

@@ -244,6 +244,29 @@ fn checkpoint_load_in_offset_order_accepts_any_ops() {
     assert_eq!(changed, [data(0, 8, 7, 0), data(16, 8, 9, 16)]);
 }
 
+/// A prefetch walks the tree at any offset (before, inside, between and past the extents; on an empty,
+/// a one-leaf and a three-level map) and changes nothing.
+#[test]
+fn prefetch_reaches_a_leaf_and_changes_nothing() {
+    let mut map = ExtentMap::new();
+    map.prefetch(0);
+    let mut freed = Vec::new();
+    for sizes in [4u64, 2_000] {
+        for index in 0..sizes {
+            map.insert(
+                data(index * 16 + 8, 8, sizes + index, index * 8),
+                &mut freed,
+            );
+        }
+        let before: Vec<Extent> = map.iter().collect();
+        for offset_sectors in [0, 8, 12, 16, 24 * 16, sizes * 16 + 64, u64::MAX / 1024] {
+            map.prefetch(offset_sectors * SECTOR);
+        }
+        assert_eq!(map.iter().collect::<Vec<_>>(), before);
+    }
+    assert!(map.height >= 2, "the map never got three levels");
+}
+
 // ---------------------------------------------------------------------------------------------------
 // Reference model: one state per sector.
 

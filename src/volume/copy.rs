@@ -1347,6 +1347,8 @@ impl VolumeCopy {
             self.piece_pool.push(pieces);
             return Err(request);
         }
+        // The commit will insert this range into the map: have its leaf in cache by then.
+        self.map.prefetch(request.offset);
         let (op, applied) = if request.origin.is_replication() {
             self.parked
                 .pop_front()
