@@ -2147,8 +2147,13 @@ impl VolumeCopy {
     /// (fio) brings two or three per iteration: blocks of 2.7 notes on average at QD32, against 13 for
     /// a client that sends in bursts. A lone write (nothing in flight) is sealed at once, and a full
     /// block seals itself (`append_note`); the write's completion wakes the reactor to seal the rest.
+    /// Write-back only: there a note commits when its block is written. Where it commits at a sync,
+    /// the sync already batches, and a held block could miss the sync issued meanwhile (measured
+    /// 0.92-0.97x at QD32 with fdatasync).
     fn notes_block_held(&self) -> bool {
-        self.unwritten_from < self.next_seq && self.has_open_notes()
+        self.durability == Durability::WriteBack
+            && self.unwritten_from < self.next_seq
+            && self.has_open_notes()
     }
 
     /// Hands the data writes gathered so far to the device now, instead of at the end of the
