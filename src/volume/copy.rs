@@ -2125,7 +2125,7 @@ impl VolumeCopy {
         }
         // Writes reserve a device slot for sealing their block when they start, but reads started since
         // may have taken every slot: then the block stays open until one is free.
-        if !self.free_tags.is_empty() && !self.notes_block_held() {
+        if !self.free_tags.is_empty() {
             self.seal(device);
         }
         self.checkpoint_step(device);
@@ -2135,25 +2135,10 @@ impl VolumeCopy {
         self.write_vouching_block(device);
         // Notes started above (`retry_waiting`) are sealed and their data pushed now: the reactor may
         // sleep after this, and nothing of theirs is in flight to wake it (`has_unissued_work`).
-        if self.has_open_notes() && !self.free_tags.is_empty() && !self.notes_block_held() {
+        if self.has_open_notes() && !self.free_tags.is_empty() {
             self.seal(device);
         }
         self.push_data_run(device);
-    }
-
-    /// Whether the open notes block waits for the journal write in flight before it is sealed (group
-    /// commit): the notes that arrive meanwhile share one block, instead of every reactor iteration
-    /// writing a block of its own. A client that sends each request as the previous one completes
-    /// (fio) brings two or three per iteration: blocks of 2.7 notes on average at QD32, against 13 for
-    /// a client that sends in bursts. A lone write (nothing in flight) is sealed at once, and a full
-    /// block seals itself (`append_note`); the write's completion wakes the reactor to seal the rest.
-    /// Write-back only: there a note commits when its block is written. Where it commits at a sync,
-    /// the sync already batches, and a held block could miss the sync issued meanwhile (measured
-    /// 0.92-0.97x at QD32 with fdatasync).
-    fn notes_block_held(&self) -> bool {
-        self.durability == Durability::WriteBack
-            && self.unwritten_from < self.next_seq
-            && self.has_open_notes()
     }
 
     /// Hands the data writes gathered so far to the device now, instead of at the end of the
@@ -2176,8 +2161,7 @@ impl VolumeCopy {
     pub fn has_unissued_work(&self) -> bool {
         // An open block with no device slot to seal it waits for a completion, which will wake the
         // reactor: not work it could do now.
-        !self.data_run.is_empty()
-            || self.has_open_notes() && !self.free_tags.is_empty() && !self.notes_block_held()
+        !self.data_run.is_empty() || self.has_open_notes() && !self.free_tags.is_empty()
     }
 
     /// Requests wait (perhaps for space) while data space waits for a header to vouch for a block
