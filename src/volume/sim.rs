@@ -3092,6 +3092,91 @@ fn write_back_syncs_only_for_flush_and_fua() {
     assert_eq!(copy.in_flight(), 0);
 }
 
+/// A lone writer's home pieces go to the device only right behind a notes block, in the same
+/// iteration: a piece issued in the gap before the writer's next note would delay that note's write.
+#[test]
+fn home_pieces_follow_notes_blocks() {
+    let superblock = Superblock::with_regions(9, "homes", 1 << 20, 1024, 2 << 20);
+    let mut device = SimDevice::new(
+        vec![0u8; superblock.store_bytes() as usize],
+        superblock.journal_offset,
+        64,
+        Rng::new(5),
+    );
+    let mut copy = VolumeCopy::new(
+        superblock.clone(),
+        Recovered::empty(),
+        Allocator::new(superblock.data_bytes),
+        Durability::WriteBack,
+    );
+    let mut done = VecDeque::new();
+    let data_area = superblock.data_offset;
+    let write = |id: u64,
+                 copy: &mut VolumeCopy,
+                 device: &mut SimDevice,
+                 done: &mut VecDeque<IoCompletion>| {
+        copy.submit(
+            small_request(id, IoKind::Write, IoFlags::empty(), id * 4096),
+            device,
+            done,
+        );
+        settle(copy, device, done);
+        assert_eq!(done.len(), 1, "write {id} acknowledged");
+        done.clear();
+    };
+    // Note 1 is a plain note (nothing says yet that the writer is alone); notes 2..=65 are inline
+    // and fill a home batch (256 KiB of consecutive homes).
+    for id in 1..=65 {
+        write(id, &mut copy, &mut device, &mut done);
+    }
+    assert_eq!(copy.stats().inline_notes, 64);
+    let first_piece = copy.stats().data_bytes_written;
+    // Iterations with no note issue no piece, however long the copy is left alone.
+    settle(&mut copy, &mut device, &mut done);
+    settle(&mut copy, &mut device, &mut done);
+    assert_eq!(copy.stats().data_bytes_written, first_piece);
+    // The next note's block goes first, then one piece of at most 64 KiB behind it.
+    copy.submit(
+        small_request(66, IoKind::Write, IoFlags::empty(), 66 * 4096),
+        &mut device,
+        &mut done,
+    );
+    copy.end_iteration(&mut device, &mut done);
+    let writes: Vec<(bool, usize)> = device
+        .in_flight
+        .iter()
+        .filter_map(|op| match &op.io {
+            DeviceIo::Write { address, data, .. } => Some((*address >= data_area, data.len())),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        writes.first().map(|&(home, _)| home),
+        Some(false),
+        "{writes:?}"
+    );
+    let homes: Vec<usize> = writes.iter().filter(|w| w.0).map(|w| w.1).collect();
+    assert_eq!(
+        homes.len(),
+        1,
+        "one home piece behind the block: {writes:?}"
+    );
+    assert!(homes[0] <= 64 << 10);
+    settle(&mut copy, &mut device, &mut done);
+    assert_eq!(done.len(), 1);
+    done.clear();
+    assert_eq!(
+        copy.stats().data_bytes_written,
+        first_piece + homes[0] as u64
+    );
+    // Every note moves the homes on: the first batch is written after a few more.
+    for id in 67..=70 {
+        write(id, &mut copy, &mut device, &mut done);
+    }
+    assert!(copy.stats().home_batches >= 1);
+    assert_eq!(copy.in_flight(), 0);
+}
+
 /// The replication operations in small: commit limit, created notes, applied notes and their
 /// refusals, and a discard that fails the request it drops and reuses its op number.
 #[test]
