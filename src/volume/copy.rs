@@ -95,16 +95,12 @@ const INLINE_BYTES_MAX: u64 = (INLINE_SLOTS_MAX * JOURNAL_BLOCK_BYTES) as u64;
 /// large write instead of one small write per note.
 const HOME_BATCH_BYTES: usize = 256 << 10;
 const HOME_BATCH_RUNS_MAX: usize = 32;
-/// A full batch nothing waits for is written in pieces of at most this size, one at a time: a lone
+/// A full batch nothing waits for is written in writes of at most this size, one at a time: a lone
 /// writer's next note then waits behind one of them at most, not behind the whole batch (on the VM
 /// disk, 256 KiB at once: QD1 p99 577 µs; 32 KiB batches: 201 µs, but a 1.18x mean).
 const HOME_WRITE_BYTES: u64 = 64 << 10;
 /// Home batches a copy holds at most (memory: about 320 KiB each); beyond, writes are not inlined.
 const HOME_BATCHES_MAX: usize = 4;
-/// Writes (runs, or parts of one) in one paced piece of a home batch. On an overwritten store free
-/// space is in single blocks, so a batch has a run per note: two writes per piece let the homes keep
-/// up with a lone writer while it seals one block per note.
-const HOME_WRITES_PER_PIECE: usize = 2;
 
 #[derive(Debug, Clone, Copy)]
 enum DeviceOp {
@@ -497,9 +493,6 @@ pub struct VolumeCopy {
     limbo_waits_for_home: bool,
     /// The last notes block sealed held one note: writes come one at a time (see `inline_slots`).
     lone_writer: bool,
-    /// A block with notes was sealed in this iteration: home pieces issued now queue behind its write
-    /// (`issue_homes`).
-    notes_sealed_now: bool,
     stats: CopyStats,
 }
 
@@ -576,7 +569,6 @@ impl VolumeCopy {
             homes_durable_through: 0,
             limbo_waits_for_home: false,
             lone_writer: false,
-            notes_sealed_now: false,
             stats: CopyStats::default(),
         }
     }
@@ -1572,14 +1564,10 @@ impl VolumeCopy {
         }
     }
 
-    /// Writes home batches, oldest first. A full batch is written in pieces (`HOME_WRITE_BYTES`,
-    /// `HOME_WRITES_PER_PIECE`), one in flight at a time, each issued right behind a notes block
-    /// sealed in the same iteration: the device takes the piece after the block, so the note waits
-    /// for its own write only, and the piece is done before the writer's next note, instead of
-    /// landing in the gap and delaying that note's write (QD1, loop device, overwritten store: mean
-    /// latency 0.87-0.94x with `ferroblock bench`; fio 0.92x and 1.08x in two A/Bs). Everything goes at once when something waits for
-    /// it: a checkpoint, space under it (`limbo_waits_for_home`), or parked requests (which may
-    /// wait for that space). The gathering batch is written only then.
+    /// Writes home batches, oldest first. A full batch is written in `HOME_WRITE_BYTES` pieces, one
+    /// in flight at a time; everything at once when something waits for it: a checkpoint, space
+    /// under it (`limbo_waits_for_home`), or parked requests (which may wait for that space). The
+    /// gathering batch is written only then.
     fn issue_homes(&mut self, device: &mut dyn Device) {
         if self.failed.is_some() {
             return;
@@ -1604,19 +1592,16 @@ impl VolumeCopy {
             let mut writes: Vec<Submission> = Vec::new();
             let mut bytes = 0u64;
             let (mut run_index, mut in_run) = (batch.next_run, batch.next_in_run);
-            // Paced: a piece at a time, once the previous one is done, and only behind a notes block
-            // sealed in this iteration, so that no journal write queues behind it.
-            if !urgent && (batch.writes_pending > 0 || !self.notes_sealed_now) {
+            // Paced: one piece at a time, once the previous one is done.
+            if !urgent && batch.writes_pending > 0 {
                 return;
             }
-            while run_index < batch.runs.len()
-                && (urgent || writes.len() < HOME_WRITES_PER_PIECE && bytes < HOME_WRITE_BYTES)
-            {
+            while run_index < batch.runs.len() && (urgent || writes.is_empty()) {
                 let run = &batch.runs[run_index];
                 let length = if urgent {
                     run.length - in_run
                 } else {
-                    (run.length - in_run).min(HOME_WRITE_BYTES - bytes)
+                    (run.length - in_run).min(HOME_WRITE_BYTES)
                 };
                 writes.push(Submission::Write {
                     address: self.superblock.data_offset + run.address + in_run,
@@ -1931,7 +1916,6 @@ impl VolumeCopy {
         self.next_seq += 1 + data_slots as u64;
         if open.kind == BlockKind::Notes && open.count > 0 {
             self.lone_writer = open.count == 1;
-            self.notes_sealed_now = true;
         }
         let header = BlockHeader {
             volume_id: self.superblock.volume_id,
@@ -2155,7 +2139,6 @@ impl VolumeCopy {
             self.seal(device);
         }
         self.push_data_run(device);
-        self.notes_sealed_now = false;
     }
 
     /// Hands the data writes gathered so far to the device now, instead of at the end of the
