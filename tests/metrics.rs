@@ -104,6 +104,13 @@ fn prometheus_endpoint_counts_what_clients_did() {
             + get("ferroblock_store_data_writes_total{volume=\"vol0\"}"),
         3.0
     );
+    // The three notes' homes are consecutive: their batch is still gathering, or written in at
+    // most one 64 KiB piece per note. Three writes take no checkpoint.
+    assert!(get("ferroblock_store_home_writes_total{volume=\"vol0\"}") <= 3.0);
+    assert_eq!(
+        get("ferroblock_store_checkpoints_total{volume=\"vol0\"}"),
+        0.0
+    );
     assert_eq!(
         get("ferroblock_request_duration_seconds_count{volume=\"vol0\",kind=\"write\"}"),
         3.0

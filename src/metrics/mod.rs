@@ -104,6 +104,8 @@ pub struct VolumeMetrics {
     notes: AtomicU64,
     inline_notes: AtomicU64,
     data_writes: AtomicU64,
+    home_writes: AtomicU64,
+    checkpoints: AtomicU64,
 }
 
 impl VolumeMetrics {
@@ -125,6 +127,8 @@ impl VolumeMetrics {
             notes: AtomicU64::new(0),
             inline_notes: AtomicU64::new(0),
             data_writes: AtomicU64::new(0),
+            home_writes: AtomicU64::new(0),
+            checkpoints: AtomicU64::new(0),
         }
     }
 
@@ -168,6 +172,8 @@ impl VolumeMetrics {
         self.inline_notes
             .store(stats.inline_notes, Ordering::Relaxed);
         self.data_writes.store(stats.data_writes, Ordering::Relaxed);
+        self.home_writes.store(stats.home_writes, Ordering::Relaxed);
+        self.checkpoints.store(stats.checkpoints, Ordering::Relaxed);
     }
 }
 
@@ -300,7 +306,7 @@ impl Metrics {
             ),
         ];
         render_per_volume(&mut out, "gauge", &gauges, &self.volumes);
-        let store_counters: [Family<VolumeMetrics, u64>; 6] = [
+        let store_counters: [Family<VolumeMetrics, u64>; 8] = [
             (
                 "ferroblock_store_syncs_total",
                 "Device syncs (fdatasync) a persistent volume issued.",
@@ -330,6 +336,18 @@ impl Metrics {
                 "ferroblock_store_data_writes_total",
                 "Device writes of note data (a vectored write of several notes' data counts once).",
                 |v| v.data_writes.load(Ordering::Relaxed),
+            ),
+            (
+                "ferroblock_store_home_writes_total",
+                "Device writes of inline notes' data to their data-area addresses, done later and in \
+                 batches (on a store overwritten at random, about one per inline note).",
+                |v| v.home_writes.load(Ordering::Relaxed),
+            ),
+            (
+                "ferroblock_store_checkpoints_total",
+                "Checkpoints a persistent volume completed (each bounds the journal replayed at \
+                 recovery).",
+                |v| v.checkpoints.load(Ordering::Relaxed),
             ),
         ];
         render_per_volume(&mut out, "counter", &store_counters, &self.volumes);

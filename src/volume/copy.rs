@@ -377,6 +377,8 @@ pub struct CopyStats {
     pub inline_notes: u64,
     /// Home batches written (each one write per run of consecutive addresses).
     pub home_batches: u64,
+    /// Device writes of inline notes' data to their homes (pieces of home batches' runs).
+    pub home_writes: u64,
     /// Note data writes pushed to the device (a vectored one counts once), and of those the vectored
     /// ones (`DataRun`: one IO for several writes).
     pub data_writes: u64,
@@ -1630,6 +1632,7 @@ impl VolumeCopy {
                 self.stats.home_batches += 1;
             }
             self.stats.data_bytes_written += bytes;
+            self.stats.home_writes += writes.len() as u64;
             for write in writes {
                 self.issue(DeviceOp::HomeData { batch: id }, write, device);
             }
