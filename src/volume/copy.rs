@@ -1492,8 +1492,8 @@ impl VolumeCopy {
     /// write (from the host, or a note applied from the replication master) of one piece of at most `INLINE_BYTES_MAX`, started while no other note is in
     /// flight and after a block that held one note (a lone writer; where writes come several at a
     /// time, a block batches them and inlining one would only cost journal room: more checkpoints,
-    /// measured 0.85x IOPS at QD32), and its slots must fit before the ring's end and in the room
-    /// the journal has.
+    /// measured 0.85x IOPS at QD32), its home must start a home batch or continue the gathering
+    /// one, and its slots must fit before the ring's end and in the room the journal has.
     fn inline_slots(
         &self,
         request: &IoRequest,
@@ -1511,8 +1511,27 @@ impl VolumeCopy {
                     && batch.buf.len() < HOME_BATCH_BYTES
                     && batch.runs.len() < HOME_BATCH_RUNS_MAX
             });
+        // A home that neither starts a batch nor continues its last run (free space in single
+        // blocks, as on a store overwritten at random) would be one more small write later, on the
+        // device's time of the writer's next note: the data goes there now instead, beside the
+        // note's block, as two writes in flight at once.
+        let contiguous = match self.homes.back() {
+            Some(batch)
+                if !batch.issued
+                    && batch.buf.len() < HOME_BATCH_BYTES
+                    && batch.runs.len() < HOME_BATCH_RUNS_MAX =>
+            {
+                batch.runs.last().is_none_or(|run| {
+                    pieces
+                        .first()
+                        .is_some_and(|piece| piece.address == run.end())
+                })
+            }
+            _ => true,
+        };
         if !lone
             || !room
+            || !contiguous
             || request.kind != IoKind::Write
             || zero_data
             || pieces.len() != 1
@@ -2810,5 +2829,64 @@ impl VolumeCopy {
             }
         }
         self.checkpoint = Some(job);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::alloc::Piece;
+    use crate::volume::open::tests::request as block_request;
+
+    /// A lone writer's note is inline when its home starts a home batch or continues the gathering
+    /// batch's last run; a home anywhere else (free space in single blocks) gets its data written
+    /// there at once, beside the note, instead of one more small home write later.
+    #[test]
+    fn inline_only_where_the_home_continues_the_batch() {
+        let superblock = Superblock::with_regions(3, "inline", 1 << 20, 1024, 2 << 20);
+        let mut copy = VolumeCopy::new(
+            superblock.clone(),
+            Recovered::empty(),
+            Allocator::new(superblock.data_bytes),
+            Durability::WriteBack,
+        );
+        copy.lone_writer = true;
+        let request = block_request(IoKind::Write, 0, 7);
+        let at = |address: u64| {
+            [Piece {
+                address,
+                length: 4096,
+            }]
+        };
+        assert_eq!(
+            copy.inline_slots(&request, &at(40960), false, 1),
+            Some(1),
+            "no batch: this home starts one"
+        );
+        let mut buf = AlignedBuf::with_capacity(HOME_BATCH_BYTES);
+        buf.set_len(4096);
+        copy.homes.push_back(HomeBatch {
+            id: 1,
+            buf,
+            runs: vec![HomeRun {
+                address: 8192,
+                length: 4096,
+                at: 0,
+            }],
+            issued: false,
+            next_run: 0,
+            next_in_run: 0,
+            writes_pending: 0,
+            failed: false,
+        });
+        assert_eq!(copy.inline_slots(&request, &at(12288), false, 1), Some(1));
+        assert_eq!(copy.inline_slots(&request, &at(40960), false, 1), None);
+        assert_eq!(copy.inline_slots(&request, &at(4096), false, 1), None);
+        // A batch being written takes no more homes: the next one starts anywhere.
+        copy.homes[0].issued = true;
+        assert_eq!(copy.inline_slots(&request, &at(40960), false, 1), Some(1));
+        // Not a lone writer: never inline.
+        copy.lone_writer = false;
+        assert_eq!(copy.inline_slots(&request, &at(40960), false, 1), None);
     }
 }

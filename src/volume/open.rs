@@ -399,7 +399,7 @@ fn random_volume_id() -> io::Result<u64> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
     use crate::io::device::Device;
     use crate::volume::{IoCompletion, IoFlags, IoKind, IoRequest, Origin};
@@ -497,7 +497,9 @@ mod tests {
         done.into()
     }
 
-    fn request(kind: IoKind, offset: u64, fill: u8) -> IoRequest {
+    /// A 4 KiB request of `kind` at `offset`, its buffer filled with `fill` (also used by
+    /// `copy`'s tests).
+    pub(in crate::volume) fn request(kind: IoKind, offset: u64, fill: u8) -> IoRequest {
         let mut buf = AlignedBuf::with_capacity(4096);
         buf.set_len(4096);
         buf.as_mut_slice().fill(fill);
