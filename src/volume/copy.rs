@@ -236,6 +236,18 @@ struct HomeRun {
     at: usize,
 }
 
+impl HomeBatch {
+    /// Holds as much as a batch may (`HOME_BATCH_BYTES`, `HOME_BATCH_RUNS_MAX`).
+    fn is_full(&self) -> bool {
+        self.buf.len() >= HOME_BATCH_BYTES || self.runs.len() >= HOME_BATCH_RUNS_MAX
+    }
+
+    /// Still takes inline notes' data: not full, and no write of it issued.
+    fn is_gathering(&self) -> bool {
+        !self.issued && !self.is_full()
+    }
+}
+
 impl HomeRun {
     fn end(&self) -> u64 {
         self.address + self.length
@@ -1506,27 +1518,17 @@ impl VolumeCopy {
             && self.open.is_none()
             && self.open_catch_up_op.is_none();
         let room = self.homes.len() < HOME_BATCHES_MAX
-            || self.homes.back().is_some_and(|batch| {
-                !batch.issued
-                    && batch.buf.len() < HOME_BATCH_BYTES
-                    && batch.runs.len() < HOME_BATCH_RUNS_MAX
-            });
+            || self.homes.back().is_some_and(HomeBatch::is_gathering);
         // A home that neither starts a batch nor continues its last run (free space in single
         // blocks, as on a store overwritten at random) would be one more small write later, on the
         // device's time of the writer's next note: the data goes there now instead, beside the
         // note's block, as two writes in flight at once.
         let contiguous = match self.homes.back() {
-            Some(batch)
-                if !batch.issued
-                    && batch.buf.len() < HOME_BATCH_BYTES
-                    && batch.runs.len() < HOME_BATCH_RUNS_MAX =>
-            {
-                batch.runs.last().is_none_or(|run| {
-                    pieces
-                        .first()
-                        .is_some_and(|piece| piece.address == run.end())
-                })
-            }
+            Some(batch) if batch.is_gathering() => batch.runs.last().is_none_or(|run| {
+                pieces
+                    .first()
+                    .is_some_and(|piece| piece.address == run.end())
+            }),
             _ => true,
         };
         if !lone
@@ -1548,11 +1550,7 @@ impl VolumeCopy {
 
     /// Copies an inline note's data into the gathering home batch (`homes`).
     fn stage_home(&mut self, address: u64, data: &[u8]) {
-        let gathering = self.homes.back().is_some_and(|batch| {
-            !batch.issued
-                && batch.buf.len() < HOME_BATCH_BYTES
-                && batch.runs.len() < HOME_BATCH_RUNS_MAX
-        });
+        let gathering = self.homes.back().is_some_and(HomeBatch::is_gathering);
         if !gathering {
             let mut buf = self.home_pool.pop().unwrap_or_else(|| {
                 AlignedBuf::with_capacity(HOME_BATCH_BYTES + INLINE_BYTES_MAX as usize)
@@ -1598,8 +1596,7 @@ impl VolumeCopy {
         };
         for index in first..self.homes.len() {
             let batch = &self.homes[index];
-            let full =
-                batch.buf.len() >= HOME_BATCH_BYTES || batch.runs.len() >= HOME_BATCH_RUNS_MAX;
+            let full = batch.is_full();
             let urgent = self.limbo_waits_for_home
                 || !self.waiting.is_empty()
                 || self
