@@ -86,6 +86,13 @@ const SOURCE_ITEMS_PER_POLL_MAX: usize = 4096;
 /// Write-back: note data written since the last sync that makes the copy sync (it bounds what a
 /// power cut can lose, and what recovery checks against data checksums).
 const UNSYNCED_DATA_BYTES_MAX: u64 = 256 << 20;
+/// Syncs a copy keeps in flight at most. A sync covers only what was written before it was issued,
+/// so with one at a time a write that lands just after a sync is issued waits for that sync and then
+/// for all of the next one; a second sync, issued while the first runs, takes that wait away. Only
+/// a host's wait gets a second one (`host_waits_for_sync`): on a disk with a volatile cache each sync
+/// costs a cache flush. Each covers what was written before it was issued, so completions may come in
+/// any order (`durable_before` takes the highest).
+const SYNCS_IN_FLIGHT_MAX: usize = 2;
 /// Spare journal blocks kept beyond a checkpoint's needs.
 const JOURNAL_SPARE_BLOCKS: u64 = 8;
 /// Largest inline note (see `VolumeCopy::homes`): its data fills at most this many journal slots.
@@ -425,7 +432,12 @@ pub struct VolumeCopy {
     open: Option<OpenBlock>,
     sealed: VecDeque<SealedBlock>,
     notes: VecDeque<Note>,
-    sync_in_flight: bool,
+    /// Syncs issued and not completed (at most `SYNCS_IN_FLIGHT_MAX`).
+    syncs_in_flight: usize,
+    /// `covers_before` and `homes_through` of the last sync issued: a further sync is issued only
+    /// for what it does not cover.
+    sync_issued_covers_before: u64,
+    sync_issued_homes_through: u64,
     /// The first sealed block not written yet (`next_seq` when every sealed block is written): kept
     /// as blocks complete, because write-back keeps thousands of written blocks in `sealed`.
     unwritten_from: u64,
@@ -541,7 +553,9 @@ impl VolumeCopy {
             open: None,
             sealed: VecDeque::new(),
             notes: VecDeque::with_capacity(256),
-            sync_in_flight: false,
+            syncs_in_flight: 0,
+            sync_issued_covers_before: 0,
+            sync_issued_homes_through: 0,
             unwritten_from: recovered.next_seq,
             data_bytes_at_sync: 0,
             ops: (0..DEVICE_OPS_MAX).map(|_| None).collect(),
@@ -617,7 +631,7 @@ impl VolumeCopy {
         self.in_flight() == 0
             && self.unsubmitted.is_empty()
             && self.parked.is_empty()
-            && !self.sync_in_flight
+            && self.syncs_in_flight == 0
             && self.reads.iter().all(Option::is_none)
     }
 
@@ -2316,7 +2330,7 @@ impl VolumeCopy {
                 covers_before,
                 homes_through,
             } => {
-                self.sync_in_flight = false;
+                self.syncs_in_flight -= 1;
                 match error {
                     Some(error) => self.fail(error),
                     None => {
@@ -2411,14 +2425,27 @@ impl VolumeCopy {
                         matches!(job.phase, CheckpointPhase::AwaitDurable { .. })
                             && self.homes_durable_through < job.homes_through
                             && self.homes_written_through >= job.homes_through
+                            && self.sync_issued_homes_through < job.homes_through
                     });
-                    if !self.sync_in_flight
-                        && !self.free_tags.is_empty()
-                        && (ready_before > self.durable_before
+                    // Only what no sync in flight covers: blocks written since the last one issued.
+                    let uncovered =
+                        ready_before > self.durable_before.max(self.sync_issued_covers_before);
+                    // A second sync only for a host waiting on it (see `SYNCS_IN_FLIGHT_MAX`);
+                    // the copy's own needs take one at a time.
+                    let wanted = if self.syncs_in_flight == 0 {
+                        uncovered
                             && (self.durability == Durability::Fdatasync || self.sync_wanted())
-                            || homes_wanted)
+                            || homes_wanted
+                    } else {
+                        uncovered && self.host_waits_for_sync(ready_before)
+                    };
+                    if self.syncs_in_flight < SYNCS_IN_FLIGHT_MAX
+                        && !self.free_tags.is_empty()
+                        && wanted
                     {
-                        self.sync_in_flight = true;
+                        self.syncs_in_flight += 1;
+                        self.sync_issued_covers_before = ready_before;
+                        self.sync_issued_homes_through = self.homes_written_through;
                         self.stats.syncs += 1;
                         self.data_bytes_at_sync = self.stats.data_bytes_written;
                         self.issue(
@@ -2592,6 +2619,25 @@ impl VolumeCopy {
             || self.stats.data_bytes_written - self.data_bytes_at_sync >= UNSYNCED_DATA_BYTES_MAX
             || (!self.freed_unsynced.is_empty() || !self.limbo.is_empty())
                 && self.allocator.free_bytes() < spare / 4
+    }
+
+    /// Whether a host request waits for a sync that would cover blocks before `ready_before` but
+    /// that the syncs issued do not: every write does in `Fdatasync` mode; in write-back, a FLUSH or
+    /// a FUA write.
+    fn host_waits_for_sync(&self, ready_before: u64) -> bool {
+        let issued = self.sync_issued_covers_before;
+        let waits = |needed: u64| needed > issued && needed <= ready_before;
+        match self.durability {
+            Durability::Fdatasync => !self.notes.is_empty(),
+            Durability::WriteBack => {
+                self.flushes.iter().any(|&(needed, _)| waits(needed))
+                    || self
+                        .acks_awaiting_sync
+                        .iter()
+                        .any(|&(needed, _)| waits(needed))
+            }
+            Durability::Dsync => false,
+        }
     }
 
     /// Journal blocks this copy keeps in flight at most (see `JOURNAL_BLOCKS_IN_FLIGHT_MAX`): a
@@ -2834,6 +2880,189 @@ mod tests {
     use super::*;
     use crate::alloc::Piece;
     use crate::volume::open::tests::request as block_request;
+
+    /// A device that completes nothing until the test says: it lists what was submitted, by tag.
+    #[derive(Default)]
+    struct HeldDevice {
+        writes: Vec<u32>,
+        syncs: Vec<u32>,
+    }
+
+    impl Device for HeldDevice {
+        unsafe fn write(&mut self, tag: u32, _: u64, _: *const u8, _: usize, _: bool) -> bool {
+            self.writes.push(tag);
+            true
+        }
+
+        unsafe fn write_vectored(
+            &mut self,
+            tag: u32,
+            _: u64,
+            _: *const libc::iovec,
+            _: usize,
+            _: bool,
+        ) -> bool {
+            self.writes.push(tag);
+            true
+        }
+
+        unsafe fn read(&mut self, _: u32, _: u64, _: *mut u8, _: usize) -> bool {
+            unreachable!("these tests read nothing")
+        }
+
+        fn sync(&mut self, tag: u32) -> bool {
+            self.syncs.push(tag);
+            true
+        }
+    }
+
+    impl HeldDevice {
+        /// Submits a 4 KiB write of `fill` at `offset` and completes the device writes it makes.
+        fn write(
+            &mut self,
+            copy: &mut VolumeCopy,
+            done: &mut VecDeque<IoCompletion>,
+            offset: u64,
+            fill: u8,
+        ) {
+            copy.submit(block_request(IoKind::Write, offset, fill), self, done);
+            copy.end_iteration(self, done);
+            self.complete_writes(copy, done);
+        }
+
+        /// Completes every write, successfully, until the copy submits no more.
+        fn complete_writes(&mut self, copy: &mut VolumeCopy, done: &mut VecDeque<IoCompletion>) {
+            while !self.writes.is_empty() {
+                self.complete_submitted_writes(copy, done);
+            }
+        }
+
+        fn complete_submitted_writes(
+            &mut self,
+            copy: &mut VolumeCopy,
+            done: &mut VecDeque<IoCompletion>,
+        ) {
+            for tag in std::mem::take(&mut self.writes) {
+                // Writes are of whole journal blocks or 4 KiB data: the length only has to be right.
+                let length = match copy.ops[tag as usize] {
+                    Some((
+                        _,
+                        Submission::Write { length, .. } | Submission::WriteRun { length, .. },
+                    )) => length,
+                    other => panic!("tag {tag} is not a write: {other:?}"),
+                };
+                copy.complete(tag, length as i32, self, done);
+            }
+            copy.end_iteration(self, done);
+        }
+
+        fn complete_sync(
+            &mut self,
+            index: usize,
+            copy: &mut VolumeCopy,
+            done: &mut VecDeque<IoCompletion>,
+        ) {
+            let tag = self.syncs.remove(index);
+            copy.complete(tag, 0, self, done);
+            copy.end_iteration(self, done);
+        }
+    }
+
+    /// A new copy that has taken one write (op 1, at offset 1 MiB), acknowledged and durable: a
+    /// copy's first write waits for a durable block to vouch for its incarnation (`resume_seq`).
+    fn copy_with(durability: Durability, device: &mut HeldDevice) -> VolumeCopy {
+        let superblock = Superblock::with_regions(3, "syncs", 4 << 20, 1024, 8 << 20);
+        let mut copy = VolumeCopy::new(
+            superblock.clone(),
+            Recovered::empty(),
+            Allocator::new(superblock.data_bytes),
+            durability,
+        );
+        let mut done = VecDeque::new();
+        device.write(&mut copy, &mut done, 1 << 20, 0);
+        while done.is_empty() || !device.syncs.is_empty() {
+            device.complete_writes(&mut copy, &mut done);
+            while !device.syncs.is_empty() {
+                device.complete_sync(0, &mut copy, &mut done);
+            }
+        }
+        assert_eq!(done.pop_front().map(|c| c.result), Some(Ok(4096)));
+        assert_eq!(copy.committed_op(), 1);
+        copy
+    }
+
+    /// A write that lands while a sync runs gets a second sync at once (not after the first), and
+    /// either may complete first: the later one covers both, and commits stay in op order.
+    #[test]
+    fn a_waiting_write_gets_a_second_sync_in_flight() {
+        let mut device = HeldDevice::default();
+        let mut copy = copy_with(Durability::Fdatasync, &mut device);
+        let mut done = VecDeque::new();
+        device.write(&mut copy, &mut done, 0, 1);
+        assert_eq!(device.syncs.len(), 1, "the first write's sync");
+        device.write(&mut copy, &mut done, 4096, 2);
+        assert_eq!(device.syncs.len(), 2, "a second sync, for the second write");
+        device.write(&mut copy, &mut done, 8192, 3);
+        assert_eq!(device.syncs.len(), 2, "never more than SYNCS_IN_FLIGHT_MAX");
+        assert!(
+            done.is_empty(),
+            "nothing is acknowledged before it is durable"
+        );
+        device.complete_sync(1, &mut copy, &mut done);
+        assert_eq!(copy.committed_op(), 3, "the second sync covers ops 2 and 3");
+        let acknowledged: Vec<u64> = done.drain(..).map(|c| c.buf.as_slice()[0].into()).collect();
+        assert_eq!(acknowledged, [1, 2], "in op order");
+        assert_eq!(device.syncs.len(), 2, "the third write's sync replaces it");
+        device.complete_sync(0, &mut copy, &mut done);
+        assert_eq!(copy.committed_op(), 3, "the first sync covers nothing new");
+        device.complete_sync(0, &mut copy, &mut done);
+        assert_eq!(copy.committed_op(), 4);
+        assert_eq!(done.len(), 1);
+        assert!(device.syncs.is_empty());
+    }
+
+    /// Write-back: a second sync only for a FLUSH (or FUA write) the sync in flight does not cover;
+    /// plain writes never ask for one.
+    #[test]
+    fn write_back_takes_a_second_sync_only_for_a_waiting_flush() {
+        let mut device = HeldDevice::default();
+        let mut copy = copy_with(Durability::WriteBack, &mut device);
+        let mut done = VecDeque::new();
+        let write_then_flush = |copy: &mut VolumeCopy,
+                                device: &mut HeldDevice,
+                                done: &mut VecDeque<IoCompletion>,
+                                offset: u64,
+                                flush: bool| {
+            device.write(copy, done, offset, 1);
+            assert_eq!(
+                done.pop_front().map(|c| c.result),
+                Some(Ok(4096)),
+                "acknowledged once written"
+            );
+            if flush {
+                let mut flush = block_request(IoKind::Flush, 0, 0);
+                flush.length = 0;
+                copy.submit(flush, device, done);
+                copy.end_iteration(device, done);
+            }
+        };
+        write_then_flush(&mut copy, &mut device, &mut done, 0, true);
+        assert_eq!(device.syncs.len(), 1, "the flush's sync");
+        write_then_flush(&mut copy, &mut device, &mut done, 4096, false);
+        assert_eq!(device.syncs.len(), 1, "a plain write waits for no sync");
+        write_then_flush(&mut copy, &mut device, &mut done, 8192, true);
+        assert_eq!(
+            device.syncs.len(),
+            2,
+            "the second flush is not covered by the first sync"
+        );
+        device.complete_sync(1, &mut copy, &mut done);
+        assert_eq!(done.len(), 2, "the later sync covers both flushes");
+        assert!(done.iter().all(|c| c.result == Ok(0)));
+        device.complete_sync(0, &mut copy, &mut done);
+        assert!(device.syncs.is_empty());
+        assert!(copy.is_idle());
+    }
 
     /// A lone writer's note is inline when its home starts a home batch or continues the gathering
     /// batch's last run; a home anywhere else (free space in single blocks) gets its data written
