@@ -33,7 +33,7 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// Serve a volume over NBD (defaults: a 1 GiB in-memory volume `vol0` on 127.0.0.1:10809).
+    /// Serve a volume over NBD (default: a persistent 1 GiB `vol0` in ./ferroblock-data, at 127.0.0.1:10809).
     Serve(ServeArgs),
     /// Measure latency and throughput of any NBD server (a load generator).
     Bench(crate::loadgen::BenchArgs),

@@ -434,10 +434,9 @@ pub struct VolumeCopy {
     notes: VecDeque<Note>,
     /// Syncs issued and not completed (at most `SYNCS_IN_FLIGHT_MAX`).
     syncs_in_flight: usize,
-    /// `covers_before` and `homes_through` of the last sync issued: a further sync is issued only
-    /// for what it does not cover.
+    /// `covers_before` of the last sync issued: a second sync is issued only for what it does not
+    /// cover.
     sync_issued_covers_before: u64,
-    sync_issued_homes_through: u64,
     /// The first sealed block not written yet (`next_seq` when every sealed block is written): kept
     /// as blocks complete, because write-back keeps thousands of written blocks in `sealed`.
     unwritten_from: u64,
@@ -555,7 +554,6 @@ impl VolumeCopy {
             notes: VecDeque::with_capacity(256),
             syncs_in_flight: 0,
             sync_issued_covers_before: 0,
-            sync_issued_homes_through: 0,
             unwritten_from: recovered.next_seq,
             data_bytes_at_sync: 0,
             ops: (0..DEVICE_OPS_MAX).map(|_| None).collect(),
@@ -2425,7 +2423,6 @@ impl VolumeCopy {
                         matches!(job.phase, CheckpointPhase::AwaitDurable { .. })
                             && self.homes_durable_through < job.homes_through
                             && self.homes_written_through >= job.homes_through
-                            && self.sync_issued_homes_through < job.homes_through
                     });
                     // Only what no sync in flight covers: blocks written since the last one issued.
                     let uncovered =
@@ -2445,7 +2442,6 @@ impl VolumeCopy {
                     {
                         self.syncs_in_flight += 1;
                         self.sync_issued_covers_before = ready_before;
-                        self.sync_issued_homes_through = self.homes_written_through;
                         self.stats.syncs += 1;
                         self.data_bytes_at_sync = self.stats.data_bytes_written;
                         self.issue(
