@@ -20,7 +20,7 @@ pub struct Uring {
     in_flight_max: usize,
     unsubmitted: usize,
     /// User data of the operations in flight that the kernel hands to an io-wq worker thread (fsync,
-    /// fallocate): few at a time (one sync per store), so a list.
+    /// fallocate): few at a time (at most two syncs per store), so a list.
     worker_ops: Vec<u64>,
 }
 

@@ -196,7 +196,10 @@ pub fn open_copy(
         direct,
         "volume recovered"
     );
-    let copy = VolumeCopy::new(superblock, recovered, allocator, durability);
+    let mut copy = VolumeCopy::new(superblock, recovered, allocator, durability);
+    if !direct {
+        copy.one_sync_at_a_time();
+    }
     Ok(OpenedCopy {
         file,
         direct,
