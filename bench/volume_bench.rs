@@ -126,6 +126,7 @@ fn main() {
         false,
         options.durability,
         preallocate,
+        None,
     )
     .unwrap_or_else(|error| panic!("{error}"));
     let fd = std::os::fd::AsRawFd::as_raw_fd(&opened.file);
@@ -304,6 +305,7 @@ fn main() {
             false,
             options.durability,
             false,
+            None,
         )
         .unwrap_or_else(|error| panic!("{error}"));
         assert_eq!(

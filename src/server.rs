@@ -88,6 +88,7 @@ pub fn serve(config: ServeConfig) -> Result<(), ServeError> {
                 config.resize,
                 config.durability,
                 config.preallocate,
+                config.spare_percent,
             )?;
             let size = opened.copy.superblock().volume_size;
             (
@@ -321,6 +322,7 @@ pub fn serve_node(
             false,
             config.durability,
             config.preallocate,
+            config.spare_percent,
         )?;
         let size_bytes = opened.copy.superblock().volume_size;
         let marker = node

@@ -71,6 +71,8 @@ fn invalid_flag_values_exit_2_with_a_message() {
         (vec!["--size", "1000"], "1000", "size"),
         (vec!["--size", "abc"], "abc", "size"),
         (vec!["--size", ""], "size", "size"),
+        (vec!["--spare-percent", "1001"], "1001", "spare-percent"),
+        (vec!["--spare-percent", "-1"], "-1", "spare-percent"),
         (vec!["--backend", "bogus"], "bogus", "backend"),
         (vec!["--poll", "sometimes"], "sometimes", "poll"),
         (vec!["--cores", "abc"], "abc", "core"),

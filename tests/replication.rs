@@ -471,6 +471,7 @@ fn recovered_op(path: &Path) -> Option<u64> {
         false,
         ferroblock::volume::copy::Durability::Fdatasync,
         false,
+        None,
     )
     .ok()
     .map(|opened| opened.copy.committed_op())

@@ -190,6 +190,25 @@ fn every_poll_mode_serves_a_reopened_store() {
     }
 }
 
+/// `serve` with `args` on the store in `data_dir` must exit with code 1 and a message naming the
+/// store file and containing `needle`.
+fn refused_at_start(data_dir: &Path, args: &[&str], needle: &str) {
+    let failure = match try_serve(data_dir, args) {
+        Ok(_) => panic!("{args:?} must be refused"),
+        Err(failure) => failure,
+    };
+    assert_eq!(
+        failure.status.and_then(|status| status.code()),
+        Some(1),
+        "{failure:?}"
+    );
+    assert!(
+        failure.stderr.contains("vol0.fbv") && failure.stderr.contains(needle),
+        "expected {needle:?} in:\n{}",
+        failure.stderr
+    );
+}
+
 #[test]
 fn resize_grows_only_when_asked() {
     let dir = TempDir::new("resize");
@@ -205,20 +224,7 @@ fn resize_grows_only_when_asked() {
         (&["--size", "32M"][..], "add --resize"),
         (&["--size", "8M", "--resize"][..], "differs"),
     ] {
-        let failure = match try_serve(dir.path(), args) {
-            Ok(_) => panic!("{args:?} must be refused"),
-            Err(failure) => failure,
-        };
-        assert_eq!(
-            failure.status.and_then(|status| status.code()),
-            Some(1),
-            "{failure:?}"
-        );
-        assert!(
-            failure.stderr.contains("vol0.fbv") && failure.stderr.contains(needle),
-            "{}",
-            failure.stderr
-        );
+        refused_at_start(dir.path(), args, needle);
     }
 
     let server = serve(dir.path(), &["--size", "32M", "--resize"]);
@@ -228,6 +234,58 @@ fn resize_grows_only_when_asked() {
     let more = Rng::new(4).bytes(65536);
     assert_eq!(client.write(31 * MIB, &more, 0), 0);
     assert_eq!(client.read(31 * MIB, 65536).expect("read"), more);
+}
+
+/// `--spare-percent` sizes a new store's data area; the store keeps it: reopening without the option
+/// serves it, asking for another spare is refused by name, and growing keeps at least the old spare.
+#[test]
+fn spare_percent_sizes_a_new_store_and_stays_with_it() {
+    use ferroblock::journal::superblock::Superblock;
+    const GIB: u64 = 1 << 30;
+    let dir = TempDir::new("spare");
+    let store = dir.join("vol0.fbv");
+    // The harness serves sparse stores: the test needs the layout, not 1.7 GiB of reserved disk.
+    let mut server = serve(dir.path(), &["--size", "1G", "--spare-percent", "50"]);
+    let chosen = Superblock::new_layout(1, "vol0", GIB, Some(50));
+    let default = Superblock::new_layout(1, "vol0", GIB, None);
+    assert!(chosen.spare_bytes() >= GIB / 2 - 4096 && default.spare_bytes() == 64 * MIB);
+    let length = std::fs::metadata(&store).expect("store").len();
+    assert_eq!(length, chosen.store_bytes(), "a 50 % spare");
+    let mut client = server.client();
+    let data = Rng::new(11).bytes(65536);
+    assert_eq!(client.write(GIB - 65536, &data, 0), 0);
+    client.disconnect();
+    server.signal(libc::SIGTERM);
+    assert!(server.wait_exit(DEADLINE).success());
+
+    for args in [&[][..], &["--spare-percent", "50"][..]] {
+        let mut server = serve(dir.path(), args);
+        let mut client = server.client();
+        assert_eq!(
+            client.read(GIB - 65536, 65536).expect("read"),
+            data,
+            "{args:?}"
+        );
+        client.disconnect();
+        server.signal(libc::SIGTERM);
+        assert!(server.wait_exit(DEADLINE).success(), "{args:?}");
+        assert_eq!(std::fs::metadata(&store).expect("store").len(), length);
+    }
+
+    refused_at_start(dir.path(), &["--spare-percent", "20"], "--spare-percent 20");
+    assert_eq!(std::fs::metadata(&store).expect("store").len(), length);
+
+    // Growing to 2 GiB without the option: the default spare of 2 GiB (64 MiB) is smaller than the
+    // store's, which stays; the journal stays where it is.
+    let server = serve(dir.path(), &["--size", "2G", "--resize"]);
+    let mut client = server.client();
+    assert_eq!(client.info.size, 2 * GIB);
+    assert_eq!(client.read(GIB - 65536, 65536).expect("read"), data);
+    let grown_data = (2 * GIB + chosen.spare_bytes()).next_multiple_of(4096);
+    assert_eq!(
+        std::fs::metadata(&store).expect("store").len(),
+        chosen.data_offset + grown_data
+    );
 }
 
 /// Writes some data, stops cleanly, damages the store with `damage`, and expects start-up to fail with
@@ -246,20 +304,7 @@ fn refused_after(damage: impl FnOnce(&Path), needle: &str) {
     let before = std::fs::read(&store).expect("read store");
     damage(&store);
     let damaged = std::fs::read(&store).expect("read store");
-    let failure = match try_serve(dir.path(), &[]) {
-        Ok(_) => panic!("a damaged store must be refused ({needle})"),
-        Err(failure) => failure,
-    };
-    assert_eq!(
-        failure.status.and_then(|status| status.code()),
-        Some(1),
-        "{failure:?}"
-    );
-    assert!(
-        failure.stderr.contains("vol0.fbv") && failure.stderr.contains(needle),
-        "expected {needle:?} in:\n{}",
-        failure.stderr
-    );
+    refused_at_start(dir.path(), &[], needle);
     // Refusing never "repairs": the store is left exactly as it was found.
     assert!(std::fs::read(&store).expect("read store") == damaged);
     drop(before);
@@ -533,7 +578,8 @@ fn new_stores_are_reserved_unless_sparse() {
 /// extents, while its data area is still unwritten: `filefrag -v` (FIEMAP) tells them apart.
 fn journal_is_written(store: &Path, volume_size: u64) {
     require_tool("filefrag");
-    let layout = ferroblock::journal::superblock::Superblock::new_layout(1, "vol0", volume_size);
+    let layout =
+        ferroblock::journal::superblock::Superblock::new_layout(1, "vol0", volume_size, None);
     let block = 4096;
     let journal = (
         layout.journal_offset / block,

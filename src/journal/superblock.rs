@@ -45,15 +45,27 @@ pub enum SuperblockError {
 impl Superblock {
     /// The layout for a new volume: journal sized to hold two full checkpoints plus notes, data area sized
     /// to the volume plus room for writes in flight (redirect-on-write needs free space to write into).
-    pub fn new_layout(volume_id: u64, name: &str, volume_size: u64) -> Superblock {
+    /// `spare_percent`: the data area's free space as a share of the volume (`None`: the default, see
+    /// `spare_bytes_for`).
+    pub fn new_layout(
+        volume_id: u64,
+        name: &str,
+        volume_size: u64,
+        spare_percent: Option<u32>,
+    ) -> Superblock {
         let journal_blocks = journal_bytes_for(volume_size) / JOURNAL_BLOCK_BYTES as u64;
         Superblock::with_regions(
             volume_id,
             name,
             volume_size,
             journal_blocks,
-            data_bytes_for(volume_size),
+            data_bytes_for(volume_size, spare_percent),
         )
+    }
+
+    /// Free space of the data area beyond the volume's size.
+    pub fn spare_bytes(&self) -> u64 {
+        self.data_bytes.saturating_sub(self.volume_size)
     }
 
     /// The superblock block, then a journal ring of `journal_blocks`, then `data_bytes` of data area
@@ -185,11 +197,29 @@ pub fn journal_bytes_for(volume_size: u64) -> u64 {
         .next_multiple_of(JOURNAL_BLOCK_BYTES as u64)
 }
 
-/// Data area: the volume plus free space for writes between allocation and the commit that frees what
-/// they overwrite (1/32 of the volume, at least 64 MiB).
-pub fn data_bytes_for(volume_size: u64) -> u64 {
-    (volume_size + (volume_size / 32).max(64 << 20)).next_multiple_of(JOURNAL_BLOCK_BYTES as u64)
+/// Data area: the volume plus its spare (`spare_bytes_for`).
+pub fn data_bytes_for(volume_size: u64, spare_percent: Option<u32>) -> u64 {
+    (volume_size + spare_bytes_for(volume_size, spare_percent))
+        .next_multiple_of(JOURNAL_BLOCK_BYTES as u64)
 }
+
+/// Spare of the data area: free space for writes between allocation and the commit that frees what
+/// they overwrite. By default 1/32 of the volume; `spare_percent` of it when chosen (`serve
+/// --spare-percent`); at least 64 MiB either way. Space is reused only
+/// after a sync (write-back mode included), so a larger spare means fewer syncs under overwrites: on
+/// a disk whose flush holds up the writes behind it, that is worth the space (tuning.md §3).
+pub fn spare_bytes_for(volume_size: u64, spare_percent: Option<u32>) -> u64 {
+    let chosen = match spare_percent {
+        None => volume_size / 32,
+        Some(percent) => volume_size / 100 * u64::from(percent),
+    };
+    chosen.max(SPARE_BYTES_MIN)
+}
+
+/// The smallest spare a data area gets.
+const SPARE_BYTES_MIN: u64 = 64 << 20;
+/// The largest `--spare-percent`: ten times the volume.
+pub const SPARE_PERCENT_MAX: u32 = 1000;
 
 #[cfg(test)]
 mod tests {
@@ -199,7 +229,7 @@ mod tests {
     /// its journal would be misread.
     #[test]
     fn other_format_versions_are_refused() {
-        let mut sector = Superblock::new_layout(77, "vol0", 1 << 30).encode();
+        let mut sector = Superblock::new_layout(77, "vol0", 1 << 30, None).encode();
         sector[8..12].copy_from_slice(&2u32.to_le_bytes());
         sector[12..16].fill(0);
         let crc = crc32c::crc32c(&sector);
@@ -214,7 +244,7 @@ mod tests {
 
     #[test]
     fn round_trip_and_damage() {
-        let superblock = Superblock::new_layout(77, "vol0", 1 << 30);
+        let superblock = Superblock::new_layout(77, "vol0", 1 << 30, None);
         let sector = superblock.encode();
         assert_eq!(Superblock::decode(&sector), Ok(superblock.clone()));
         let mut damaged = sector;
@@ -230,12 +260,29 @@ mod tests {
 
     #[test]
     fn overhead_of_a_gibibyte_volume_is_bounded() {
-        let superblock = Superblock::new_layout(1, "v", 1 << 30);
+        let superblock = Superblock::new_layout(1, "v", 1 << 30, None);
         // 1 GiB volume: store under 1.3 GiB whatever the write pattern.
         assert!(
             superblock.store_bytes() < (13 << 30) / 10,
             "{}",
             superblock.store_bytes()
         );
+    }
+
+    #[test]
+    fn spare_is_the_default_or_the_chosen_share_and_at_least_64_mib() {
+        let gib = 1u64 << 30;
+        assert_eq!(spare_bytes_for(gib, None), 64 << 20);
+        assert_eq!(spare_bytes_for(64 * gib, None), 2 * gib);
+        let half = Superblock::new_layout(1, "v", gib, Some(50));
+        assert_eq!(
+            half.data_bytes,
+            (gib + gib / 100 * 50).next_multiple_of(JOURNAL_BLOCK_BYTES as u64)
+        );
+        assert!(half.spare_bytes() >= gib / 100 * 50 && half.spare_bytes() < gib / 2 + 4096);
+        assert_eq!(spare_bytes_for(gib, Some(1)), 64 << 20);
+        assert_eq!(spare_bytes_for(gib, Some(0)), 64 << 20);
+        // Journal and data follow each other whatever the spare.
+        assert_eq!(half.store_bytes(), half.data_offset + half.data_bytes);
     }
 }

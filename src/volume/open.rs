@@ -18,7 +18,7 @@ use crate::io::AlignedBuf;
 use crate::io::buf::IO_ALIGNMENT;
 use crate::journal::format::JOURNAL_BLOCK_BYTES;
 use crate::journal::recovery::{self, RecoveryError};
-use crate::journal::superblock::{SUPERBLOCK_BYTES, Superblock, SuperblockError};
+use crate::journal::superblock::{SUPERBLOCK_BYTES, Superblock, SuperblockError, spare_bytes_for};
 use crate::volume::copy::{Durability, VolumeCopy};
 
 /// Size of a volume created without an explicit `--size`.
@@ -43,6 +43,14 @@ pub enum Problem {
         "the volume is {existing} bytes; --size {wanted} differs (add --resize to grow; shrinking is refused)"
     )]
     SizeMismatch { existing: u64, wanted: u64 },
+    #[error(
+        "the data area's spare is {existing} bytes; --spare-percent {percent} asks for {wanted} (the spare is chosen when the volume is created, or grown with --resize)"
+    )]
+    SpareMismatch {
+        existing: u64,
+        wanted: u64,
+        percent: u32,
+    },
     #[error("truncated: the store is {actual} bytes but its layout needs {needed}")]
     Truncated { actual: u64, needed: u64 },
     #[error("cannot reserve {bytes} bytes for a new store: {source} (--sparse grows it on demand)")]
@@ -69,6 +77,7 @@ pub fn open_copy(
     resize: bool,
     durability: Durability,
     preallocate_store: bool,
+    spare_percent: Option<u32>,
 ) -> Result<OpenedCopy, OpenError> {
     let error = |problem: Problem| OpenError {
         path: path.to_path_buf(),
@@ -91,8 +100,12 @@ pub fn open_copy(
     let mut created = false;
     let mut superblock = if fresh {
         let volume_size = size.unwrap_or(DEFAULT_VOLUME_SIZE);
-        let superblock =
-            Superblock::new_layout(random_volume_id().map_err(io_error)?, name, volume_size);
+        let superblock = Superblock::new_layout(
+            random_volume_id().map_err(io_error)?,
+            name,
+            volume_size,
+            spare_percent,
+        );
         if is_device {
             if actual < superblock.store_bytes() {
                 return Err(error(Problem::Truncated {
@@ -146,7 +159,20 @@ pub fn open_copy(
                 wanted,
             }));
         }
-        superblock = grow(&reader, path, superblock, wanted, is_device).map_err(&error)?;
+        superblock =
+            grow(&reader, path, superblock, wanted, spare_percent, is_device).map_err(&error)?;
+    } else if let Some(percent) = spare_percent {
+        // The data area is laid out when the volume is created (or grown): refuse rather than
+        // ignore a spare the store does not have.
+        let wanted = spare_bytes_for(superblock.volume_size, Some(percent));
+        let existing = superblock.spare_bytes();
+        if existing.abs_diff(wanted) >= JOURNAL_BLOCK_BYTES as u64 {
+            return Err(error(Problem::SpareMismatch {
+                existing,
+                wanted,
+                percent,
+            }));
+        }
     }
     let actual = store_size(&file, is_device).map_err(io_error)?;
     if actual < superblock.store_bytes() {
@@ -283,12 +309,17 @@ fn grow(
     path: &Path,
     old: Superblock,
     wanted: u64,
+    spare_percent: Option<u32>,
     is_device: bool,
 ) -> Result<Superblock, Problem> {
     // The journal stays where it is; the data area grows at the end, so every existing location holds.
+    // The spare never shrinks: the one asked for (or the default) for the new size, or the old one.
     let mut grown = old.clone();
     grown.volume_size = wanted;
-    grown.data_bytes = crate::journal::superblock::data_bytes_for(wanted).max(old.data_bytes);
+    let spare = spare_bytes_for(wanted, spare_percent).max(old.spare_bytes());
+    grown.data_bytes = (wanted + spare)
+        .next_multiple_of(JOURNAL_BLOCK_BYTES as u64)
+        .max(old.data_bytes);
     if is_device {
         let actual = store_size(reader, true)?;
         if actual < grown.store_bytes() {
@@ -568,6 +599,7 @@ pub(super) mod tests {
             false,
             Durability::Fdatasync,
             false,
+            None,
         )
         .expect("the store opens")
     }
