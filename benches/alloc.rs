@@ -30,7 +30,7 @@ struct Overwrites {
 impl Overwrites {
     /// Writes the whole volume once, then overwrites it at random `warm_up_rounds` times over.
     fn build(block: u64, warm_up_rounds: u64) -> Overwrites {
-        let mut allocator = Allocator::new(data_bytes_for(VOLUME_BYTES, None));
+        let mut allocator = Allocator::new(data_bytes_for(VOLUME_BYTES, None).expect("fits"));
         let slot_count = (VOLUME_BYTES / block) as usize;
         let slots = (0..slot_count)
             .map(|_| {

@@ -89,10 +89,11 @@ pub struct ServeArgs {
     pub sparse: bool,
 
     /// Free space of a new persistent volume's data area, in percent of the volume's size [default:
-    /// 1/32 of it; at least 64 MiB either way]. Overwritten space is reused only after a sync, so a
-    /// larger spare means fewer syncs under overwrites: on a disk whose flush holds up the writes
-    /// behind it, 50 gave 1.19x IOPS at QD32 in write-back mode (tuning.md §3). Chosen at creation
-    /// (or with --resize); an existing volume with another spare is refused.
+    /// 1/32 of it; at least 64 MiB either way]. Overwritten space is reused only after a sync, so in
+    /// write-back mode a larger spare means fewer syncs under overwrites: on a disk whose flush holds
+    /// up the writes behind it, 50 gave 1.19x IOPS at QD32 for 1 GiB (tuning.md §3); other modes sync
+    /// every batch anyway. Chosen at creation; growing (--resize) keeps the larger of the store's
+    /// spare and this one, never shrinking it; reopening with another spare is refused.
     #[arg(long, value_name = "PERCENT", value_parser = clap::value_parser!(u32).range(0..=i64::from(crate::journal::superblock::SPARE_PERCENT_MAX)))]
     pub spare_percent: Option<u32>,
 

@@ -60,6 +60,7 @@ pub enum ServeError {
 pub fn serve(config: ServeConfig) -> Result<(), ServeError> {
     // The single volume lives on the first reactor; connections spread over all of them.
     let volume_id = 0;
+    warn_unused_spare(&config);
     let create_parent = |path: &std::path::Path| match path
         .parent()
         .filter(|parent| !parent.as_os_str().is_empty())
@@ -280,6 +281,22 @@ fn run(plan: Plan) -> Result<(), ServeError> {
 }
 
 /// Serves one node of a cluster: every volume the node holds, replicated with its peer.
+/// A larger spare saves syncs only where syncs are not made per batch anyway: write-back mode on a
+/// persistent volume. Elsewhere it costs space and nothing else: say so rather than ignore it.
+fn warn_unused_spare(config: &ServeConfig) {
+    if let Some(percent) = config.spare_percent {
+        let effect = config.backend == Backend::File
+            && config.durability == crate::volume::copy::Durability::WriteBack;
+        if !effect {
+            tracing::warn!(
+                spare_percent = percent,
+                "--spare-percent only reduces syncs with --backend file --durability write-back; \
+                 here it only lays out a larger data area (for a new volume)"
+            );
+        }
+    }
+}
+
 pub fn serve_node(
     cluster: &crate::cluster::config::ClusterConfig,
     node_id: &str,
@@ -292,6 +309,7 @@ pub fn serve_node(
     if config.durability == crate::volume::copy::Durability::WriteBack {
         return Err(ServeError::WriteBackReplicated);
     }
+    warn_unused_spare(&config);
     let node = cluster.node(node_id).expect("checked by load_serve_node");
     std::fs::create_dir_all(&node.data_dir).map_err(|source| ServeError::DataDir {
         path: node.data_dir.clone(),

@@ -246,8 +246,8 @@ fn spare_percent_sizes_a_new_store_and_stays_with_it() {
     let store = dir.join("vol0.fbv");
     // The harness serves sparse stores: the test needs the layout, not 1.7 GiB of reserved disk.
     let mut server = serve(dir.path(), &["--size", "1G", "--spare-percent", "50"]);
-    let chosen = Superblock::new_layout(1, "vol0", GIB, Some(50));
-    let default = Superblock::new_layout(1, "vol0", GIB, None);
+    let chosen = Superblock::new_layout(1, "vol0", GIB, Some(50)).expect("fits");
+    let default = Superblock::new_layout(1, "vol0", GIB, None).expect("fits");
     assert!(chosen.spare_bytes() >= GIB / 2 - 4096 && default.spare_bytes() == 64 * MIB);
     let length = std::fs::metadata(&store).expect("store").len();
     assert_eq!(length, chosen.store_bytes(), "a 50 % spare");
@@ -285,6 +285,88 @@ fn spare_percent_sizes_a_new_store_and_stays_with_it() {
     assert_eq!(
         std::fs::metadata(&store).expect("store").len(),
         chosen.data_offset + grown_data
+    );
+    drop(client);
+    drop(server);
+    // 512 MiB is now 25 % of the volume: asking for 50 % again is refused, and says how to keep it.
+    refused_at_start(
+        dir.path(),
+        &["--spare-percent", "50"],
+        "omit --spare-percent",
+    );
+    // Growing with a larger share raises the spare: 40 % of 3 GiB.
+    let server = serve(
+        dir.path(),
+        &["--size", "3G", "--resize", "--spare-percent", "40"],
+    );
+    assert_eq!(server.client().info.size, 3 * GIB);
+    let raised = (3 * GIB + 3 * GIB / 100 * 40).next_multiple_of(4096);
+    assert_eq!(
+        std::fs::metadata(&store).expect("store").len(),
+        chosen.data_offset + raised
+    );
+}
+
+/// Data the allocator placed beyond where the default data area would end reads back after a restart:
+/// a 256 MiB volume with a 100 % spare (the default would be 64 MiB), written whole and then half
+/// overwritten, puts the overwrites at 256-384 MiB of the data area (next-fit allocation).
+#[test]
+fn data_in_a_larger_spare_survives_a_restart() {
+    let dir = TempDir::new("spare-data");
+    let fill = |mib: u64, round: u8| vec![(mib as u8) ^ round; MIB as usize];
+    let mut server = serve(dir.path(), &["--size", "256M", "--spare-percent", "100"]);
+    let mut client = server.client();
+    for mib in 0..256 {
+        assert_eq!(client.write(mib * MIB, &fill(mib, 0x5a), 0), 0);
+    }
+    for mib in 0..128 {
+        assert_eq!(client.write(mib * MIB, &fill(mib, 0xa5), 0), 0);
+    }
+    client.disconnect();
+    server.signal(libc::SIGKILL);
+    server.wait_exit(DEADLINE);
+    // Something was written past the end of the default data area (the store file is sparse).
+    let default =
+        ferroblock::journal::superblock::Superblock::new_layout(1, "vol0", 256 * MIB, None)
+            .expect("fits");
+    let past_default = default.data_offset + default.data_bytes;
+    let file = std::fs::File::open(dir.join("vol0.fbv")).expect("store");
+    // SAFETY: lseek on a descriptor this function owns; it only moves the file offset.
+    let found = unsafe {
+        libc::lseek(
+            std::os::fd::AsRawFd::as_raw_fd(&file),
+            past_default as libc::off_t,
+            libc::SEEK_DATA,
+        )
+    };
+    assert!(
+        found >= past_default as libc::off_t,
+        "no data past {past_default} (lseek: {found})"
+    );
+
+    let server = serve(dir.path(), &[]);
+    let mut client = server.client();
+    for mib in 0..256 {
+        let round = if mib < 128 { 0xa5 } else { 0x5a };
+        assert!(
+            client.read(mib * MIB, MIB as u32).expect("read") == fill(mib, round),
+            "MiB {mib} after the restart"
+        );
+    }
+}
+
+/// A spare that would take the store past the largest file is refused before anything is written.
+#[test]
+fn a_spare_too_large_for_any_store_is_refused() {
+    let dir = TempDir::new("spare-huge");
+    refused_at_start(
+        dir.path(),
+        &["--size", "4096P", "--spare-percent", "300"],
+        "lower --size or --spare-percent",
+    );
+    assert!(
+        !dir.join("vol0.fbv").exists(),
+        "the refused store is not left behind"
     );
 }
 
@@ -579,7 +661,8 @@ fn new_stores_are_reserved_unless_sparse() {
 fn journal_is_written(store: &Path, volume_size: u64) {
     require_tool("filefrag");
     let layout =
-        ferroblock::journal::superblock::Superblock::new_layout(1, "vol0", volume_size, None);
+        ferroblock::journal::superblock::Superblock::new_layout(1, "vol0", volume_size, None)
+            .expect("fits");
     let block = 4096;
     let journal = (
         layout.journal_offset / block,

@@ -46,21 +46,26 @@ impl Superblock {
     /// The layout for a new volume: journal sized to hold two full checkpoints plus notes, data area sized
     /// to the volume plus room for writes in flight (redirect-on-write needs free space to write into).
     /// `spare_percent`: the data area's free space as a share of the volume (`None`: the default, see
-    /// `spare_bytes_for`).
+    /// `spare_bytes_for`). `None` when the store would exceed `STORE_BYTES_MAX`.
     pub fn new_layout(
         volume_id: u64,
         name: &str,
         volume_size: u64,
         spare_percent: Option<u32>,
-    ) -> Superblock {
+    ) -> Option<Superblock> {
         let journal_blocks = journal_bytes_for(volume_size) / JOURNAL_BLOCK_BYTES as u64;
-        Superblock::with_regions(
+        let superblock = Superblock::with_regions(
             volume_id,
             name,
             volume_size,
             journal_blocks,
-            data_bytes_for(volume_size, spare_percent),
-        )
+            data_bytes_for(volume_size, spare_percent)?,
+        );
+        superblock
+            .data_offset
+            .checked_add(superblock.data_bytes)
+            .is_some_and(|end| end <= STORE_BYTES_MAX)
+            .then_some(superblock)
     }
 
     /// Free space of the data area beyond the volume's size.
@@ -197,24 +202,31 @@ pub fn journal_bytes_for(volume_size: u64) -> u64 {
         .next_multiple_of(JOURNAL_BLOCK_BYTES as u64)
 }
 
-/// Data area: the volume plus its spare (`spare_bytes_for`).
-pub fn data_bytes_for(volume_size: u64, spare_percent: Option<u32>) -> u64 {
-    (volume_size + spare_bytes_for(volume_size, spare_percent))
-        .next_multiple_of(JOURNAL_BLOCK_BYTES as u64)
+/// Data area: the volume plus its spare (`spare_bytes_for`), in whole blocks; `None` when that does not
+/// fit in 64 bits.
+pub fn data_bytes_for(volume_size: u64, spare_percent: Option<u32>) -> Option<u64> {
+    volume_size
+        .checked_add(spare_bytes_for(volume_size, spare_percent))?
+        .checked_next_multiple_of(JOURNAL_BLOCK_BYTES as u64)
 }
 
 /// Spare of the data area: free space for writes between allocation and the commit that frees what
 /// they overwrite. By default 1/32 of the volume; `spare_percent` of it when chosen (`serve
-/// --spare-percent`); at least 64 MiB either way. Space is reused only
-/// after a sync (write-back mode included), so a larger spare means fewer syncs under overwrites: on
-/// a disk whose flush holds up the writes behind it, that is worth the space (tuning.md §3).
+/// --spare-percent`); at least 64 MiB either way (saturating at `u64::MAX`). Space is reused only
+/// after a sync, so in write-back mode a larger spare means fewer syncs under overwrites: on a disk
+/// whose flush holds up the writes behind it, that is worth the space (tuning.md §3).
 pub fn spare_bytes_for(volume_size: u64, spare_percent: Option<u32>) -> u64 {
     let chosen = match spare_percent {
-        None => volume_size / 32,
-        Some(percent) => volume_size / 100 * u64::from(percent),
+        None => u128::from(volume_size / 32),
+        Some(percent) => u128::from(volume_size) * u128::from(percent) / 100,
     };
-    chosen.max(SPARE_BYTES_MIN)
+    u64::try_from(chosen)
+        .unwrap_or(u64::MAX)
+        .max(SPARE_BYTES_MIN)
 }
+
+/// The largest store: file offsets are signed 64-bit numbers.
+pub const STORE_BYTES_MAX: u64 = i64::MAX as u64;
 
 /// The smallest spare a data area gets.
 const SPARE_BYTES_MIN: u64 = 64 << 20;
@@ -229,7 +241,9 @@ mod tests {
     /// its journal would be misread.
     #[test]
     fn other_format_versions_are_refused() {
-        let mut sector = Superblock::new_layout(77, "vol0", 1 << 30, None).encode();
+        let mut sector = Superblock::new_layout(77, "vol0", 1 << 30, None)
+            .expect("fits")
+            .encode();
         sector[8..12].copy_from_slice(&2u32.to_le_bytes());
         sector[12..16].fill(0);
         let crc = crc32c::crc32c(&sector);
@@ -244,7 +258,7 @@ mod tests {
 
     #[test]
     fn round_trip_and_damage() {
-        let superblock = Superblock::new_layout(77, "vol0", 1 << 30, None);
+        let superblock = Superblock::new_layout(77, "vol0", 1 << 30, None).expect("fits");
         let sector = superblock.encode();
         assert_eq!(Superblock::decode(&sector), Ok(superblock.clone()));
         let mut damaged = sector;
@@ -260,7 +274,7 @@ mod tests {
 
     #[test]
     fn overhead_of_a_gibibyte_volume_is_bounded() {
-        let superblock = Superblock::new_layout(1, "v", 1 << 30, None);
+        let superblock = Superblock::new_layout(1, "v", 1 << 30, None).expect("fits");
         // 1 GiB volume: store under 1.3 GiB whatever the write pattern.
         assert!(
             superblock.store_bytes() < (13 << 30) / 10,
@@ -274,15 +288,33 @@ mod tests {
         let gib = 1u64 << 30;
         assert_eq!(spare_bytes_for(gib, None), 64 << 20);
         assert_eq!(spare_bytes_for(64 * gib, None), 2 * gib);
-        let half = Superblock::new_layout(1, "v", gib, Some(50));
+        let half = Superblock::new_layout(1, "v", gib, Some(50)).expect("fits");
         assert_eq!(
             half.data_bytes,
-            (gib + gib / 100 * 50).next_multiple_of(JOURNAL_BLOCK_BYTES as u64)
+            (gib + gib / 2).next_multiple_of(JOURNAL_BLOCK_BYTES as u64)
         );
-        assert!(half.spare_bytes() >= gib / 100 * 50 && half.spare_bytes() < gib / 2 + 4096);
+        assert_eq!(half.spare_bytes(), gib / 2);
         assert_eq!(spare_bytes_for(gib, Some(1)), 64 << 20);
         assert_eq!(spare_bytes_for(gib, Some(0)), 64 << 20);
         // Journal and data follow each other whatever the spare.
         assert_eq!(half.store_bytes(), half.data_offset + half.data_bytes);
+    }
+
+    /// The largest volume the command line takes (4 EiB) with the largest spare would overflow: no
+    /// layout, rather than a wrapped one.
+    #[test]
+    fn a_layout_beyond_the_largest_store_is_refused() {
+        let largest_volume = 1u64 << 62;
+        assert!(Superblock::new_layout(1, "v", largest_volume, None).is_some());
+        assert!(Superblock::new_layout(1, "v", largest_volume, Some(50)).is_some());
+        for percent in [100, 300, 1000] {
+            assert_eq!(
+                Superblock::new_layout(1, "v", largest_volume, Some(percent)),
+                None,
+                "{percent} %"
+            );
+        }
+        assert_eq!(spare_bytes_for(largest_volume, Some(1000)), u64::MAX);
+        assert_eq!(data_bytes_for(u64::MAX - 4095, None), None);
     }
 }

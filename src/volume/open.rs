@@ -44,13 +44,23 @@ pub enum Problem {
     )]
     SizeMismatch { existing: u64, wanted: u64 },
     #[error(
-        "the data area's spare is {existing} bytes; --spare-percent {percent} asks for {wanted} (the spare is chosen when the volume is created, or grown with --resize)"
+        "the store's spare is {existing} bytes ({share:.1} % of the volume); --spare-percent {percent} asks for {wanted}: omit --spare-percent to keep the store's, or grow the volume (a larger --size with --resize) to raise it"
     )]
     SpareMismatch {
         existing: u64,
+        share: f64,
         wanted: u64,
         percent: u32,
     },
+    #[error(
+        "a volume of {volume_size} bytes with that spare does not fit in one store (at most {} bytes): lower --size or --spare-percent",
+        crate::journal::superblock::STORE_BYTES_MAX
+    )]
+    TooLarge { volume_size: u64 },
+    #[error(
+        "the device is {actual} bytes but this volume's layout needs {needed}: lower --size or --spare-percent"
+    )]
+    DeviceTooSmall { actual: u64, needed: u64 },
     #[error("truncated: the store is {actual} bytes but its layout needs {needed}")]
     Truncated { actual: u64, needed: u64 },
     #[error("cannot reserve {bytes} bytes for a new store: {source} (--sparse grows it on demand)")]
@@ -100,15 +110,22 @@ pub fn open_copy(
     let mut created = false;
     let mut superblock = if fresh {
         let volume_size = size.unwrap_or(DEFAULT_VOLUME_SIZE);
-        let superblock = Superblock::new_layout(
+        let Some(superblock) = Superblock::new_layout(
             random_volume_id().map_err(io_error)?,
             name,
             volume_size,
             spare_percent,
-        );
+        ) else {
+            if !is_device {
+                // `open_backing` created it empty for this volume: leave nothing behind.
+                drop(file);
+                let _ = std::fs::remove_file(path);
+            }
+            return Err(error(Problem::TooLarge { volume_size }));
+        };
         if is_device {
             if actual < superblock.store_bytes() {
-                return Err(error(Problem::Truncated {
+                return Err(error(Problem::DeviceTooSmall {
                     actual,
                     needed: superblock.store_bytes(),
                 }));
@@ -169,6 +186,7 @@ pub fn open_copy(
         if existing.abs_diff(wanted) >= JOURNAL_BLOCK_BYTES as u64 {
             return Err(error(Problem::SpareMismatch {
                 existing,
+                share: existing as f64 * 100.0 / superblock.volume_size as f64,
                 wanted,
                 percent,
             }));
@@ -317,13 +335,23 @@ fn grow(
     let mut grown = old.clone();
     grown.volume_size = wanted;
     let spare = spare_bytes_for(wanted, spare_percent).max(old.spare_bytes());
-    grown.data_bytes = (wanted + spare)
-        .next_multiple_of(JOURNAL_BLOCK_BYTES as u64)
+    grown.data_bytes = wanted
+        .checked_add(spare)
+        .and_then(|bytes| bytes.checked_next_multiple_of(JOURNAL_BLOCK_BYTES as u64))
+        .filter(|&bytes| {
+            grown
+                .data_offset
+                .checked_add(bytes)
+                .is_some_and(|end| end <= crate::journal::superblock::STORE_BYTES_MAX)
+        })
+        .ok_or(Problem::TooLarge {
+            volume_size: wanted,
+        })?
         .max(old.data_bytes);
     if is_device {
         let actual = store_size(reader, true)?;
         if actual < grown.store_bytes() {
-            return Err(Problem::Truncated {
+            return Err(Problem::DeviceTooSmall {
                 actual,
                 needed: grown.store_bytes(),
             });
