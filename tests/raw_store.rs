@@ -124,26 +124,18 @@ fn an_existing_file_of_another_size_is_refused() {
     let dir = TempDir::new("file-size");
     let path = dir.join("volume.raw");
     std::fs::write(&path, vec![1u8; 1 << 20]).expect("write 1 MiB file");
-    let failure = match Server::try_start(&[
-        "--backend",
-        "raw",
-        "--path",
-        path.to_str().unwrap(),
-        "--size",
-        "2M",
-    ]) {
-        Ok(_) => panic!("a 1 MiB file must not be served as a 2 MiB volume"),
-        Err(failure) => failure,
-    };
-    assert_eq!(
-        failure.status.and_then(|status| status.code()),
-        Some(1),
-        "{failure:?}"
-    );
-    assert!(
-        failure.stderr.contains("volume.raw") && failure.stderr.contains("1048576"),
-        "{}",
-        failure.stderr
+    // A 1 MiB file must not be served as a 2 MiB volume.
+    common::refused_at_start(
+        &[
+            "--backend",
+            "raw",
+            "--path",
+            path.to_str().unwrap(),
+            "--size",
+            "2M",
+        ],
+        "volume.raw",
+        "1048576",
     );
     // The file is untouched.
     assert_eq!(std::fs::read(&path).expect("read back"), vec![1u8; 1 << 20]);

@@ -193,20 +193,9 @@ fn every_poll_mode_serves_a_reopened_store() {
 /// `serve` with `args` on the store in `data_dir` must exit with code 1 and a message naming the
 /// store file and containing `needle`.
 fn refused_at_start(data_dir: &Path, args: &[&str], needle: &str) {
-    let failure = match try_serve(data_dir, args) {
-        Ok(_) => panic!("{args:?} must be refused"),
-        Err(failure) => failure,
-    };
-    assert_eq!(
-        failure.status.and_then(|status| status.code()),
-        Some(1),
-        "{failure:?}"
-    );
-    assert!(
-        failure.stderr.contains("vol0.fbv") && failure.stderr.contains(needle),
-        "expected {needle:?} in:\n{}",
-        failure.stderr
-    );
+    let mut full = vec!["--data-dir", data_dir.to_str().expect("utf-8 path")];
+    full.extend_from_slice(args);
+    common::refused_at_start(&full, "vol0.fbv", needle);
 }
 
 #[test]

@@ -99,6 +99,25 @@ pub struct StartFailure {
     pub stderr: String,
 }
 
+/// `ferroblock serve <args>` must refuse to start: exit code 1 and a message naming `file` and
+/// containing `needle`.
+pub fn refused_at_start(args: &[&str], file: &str, needle: &str) {
+    let failure = match Server::try_start(args) {
+        Ok(_) => panic!("serve {args:?} must be refused"),
+        Err(failure) => failure,
+    };
+    assert_eq!(
+        failure.status.and_then(|status| status.code()),
+        Some(1),
+        "{failure:?}"
+    );
+    assert!(
+        failure.stderr.contains(file) && failure.stderr.contains(needle),
+        "expected {file:?} and {needle:?} in:\n{}",
+        failure.stderr
+    );
+}
+
 /// Parse `nbd://HOST:PORT/NAME` into (`HOST:PORT`, `NAME`).
 pub fn parse_uri(uri: &str) -> (String, String) {
     let rest = uri
